@@ -1,0 +1,6 @@
+"""proxyvpn: a rootless TUN-based system VPN that relays TCP through an HTTP CONNECT proxy.
+
+CLI -> config -> plan -> system (apply); TUN -> netstack -> relay, driven by aio.
+"""
+
+__version__ = "0.1.0"

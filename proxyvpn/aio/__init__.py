@@ -1,0 +1,1 @@
+"""The asyncio shell: TUN reader/writer, flows, one transmit(), timers."""

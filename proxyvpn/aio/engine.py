@@ -1,0 +1,355 @@
+"""The asyncio shell around the sans-IO stack: TUN in, segments out, one proxy tunnel per flow.
+
+One reader callback drains the TUN in batches; every connection touched by a batch (or
+by its proxy socket) is put in a dirty set, and a single `transmit()` turns their
+pending segments into packets, writes them in one batch and re-arms the one timer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import heapq
+import ipaddress
+import json
+import logging
+import os
+import secrets
+import signal
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from proxyvpn.aio.flow import Flow
+from proxyvpn.config import Config
+from proxyvpn.errors import ProxyError, ProxyProtocolError, ProxyUnreachableError, ProxyVpnError
+from proxyvpn.netstack import fast
+from proxyvpn.netstack.tcp import TcpConnection, TcpParams, reset_for
+from proxyvpn.relay.dial import ProxyEndpoint, TunnelProtocol, open_tunnel
+
+log = logging.getLogger("proxyvpn.aio")
+
+READ_BATCH = 64
+"""Packets read per reader wake-up: amortises the callback without starving timers."""
+
+
+class Engine:
+    """Owns the flow table and drives every TcpConnection from TUN packets and timers."""
+
+    def __init__(self, config: Config, endpoint: ProxyEndpoint, tun_fd: int,
+                 *, pcap_path: Path | None = None) -> None:
+        self.config = config
+        self.endpoint = endpoint
+        self.fd = tun_fd
+        self.wire = fast.select(pure=config.pure_python)
+        self.params = TcpParams(mss=config.mtu - 60 if config.ipv6 else config.mtu - 40)
+        self.flows: dict[tuple[bytes, int, bytes, int], Flow] = {}
+        self.stats: Counter[str] = Counter()
+        self._dirty: dict[Flow, None] = {}  # insertion-ordered set
+        self._out: list[bytes] = []
+        self._backlog: list[bytes] = []
+        self._timers: list[tuple[float, int, Flow]] = []
+        self._timer_handle: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self._flush_scheduled = False
+        self._auth_reported = False
+        self._loop = asyncio.get_running_loop()
+        self._pcap = _open_pcap(pcap_path) if pcap_path else None
+        self._seq = 0
+
+    # ------------------------------------------------------------------ TUN input
+
+    def start(self) -> None:
+        self._loop.add_reader(self.fd, self._on_readable)
+
+    def stop(self) -> None:
+        self._loop.remove_reader(self.fd)
+        self._loop.remove_writer(self.fd)
+        for flow in list(self.flows.values()):
+            flow.conn.abort(self._loop.time())
+            self.touch(flow)
+            flow.close_tunnel()
+        self.transmit()
+        if self._timer_handle:
+            self._timer_handle.cancel()
+        if self._pcap:
+            self._pcap.close()
+
+    def _on_readable(self) -> None:
+        try:
+            packets = self.wire.read_batch(self.fd, READ_BATCH, 65536)
+        except OSError as exc:
+            log.error("reading the TUN failed: %s", exc)
+            self.stats["tun_read_errors"] += 1
+            return
+        now = self._loop.time()
+        for packet in packets:
+            self._on_packet(packet, now)
+        self.transmit()
+
+    def _on_packet(self, packet: bytes, now: float) -> None:
+        self.stats["packets_in"] += 1
+        if self._pcap:
+            self._pcap.writepkt(packet, time.time())
+        parsed = self.wire.parse(packet)
+        if type(parsed) is int:
+            self.stats["drop_" + self.wire.DROP_REASONS[parsed].lower()] += 1
+            return
+        (family, src, dst, sport, dport, seq, ack, flags, window,
+         start, end, mss, wscale, sack_ok) = parsed
+        key = (src, sport, dst, dport)
+        flow = self.flows.get(key)
+        if flow is None:
+            self._on_unknown(parsed, packet, key, now)
+            return
+        flow.conn.receive(seq, ack, flags, window,
+                          memoryview(packet)[start:end] if end > start else b"", now)
+        flow.handle_events(now)
+        self.touch(flow)
+
+    def _on_unknown(self, parsed: tuple, packet: bytes, key: tuple, now: float) -> None:
+        (family, src, dst, sport, dport, seq, ack, flags, window,
+         start, end, mss, wscale, sack_ok) = parsed
+        syn_only = flags & (fast.SYN | fast.ACK | fast.RST | fast.FIN) == fast.SYN
+        if syn_only and len(self.flows) < self.config.max_flows:
+            self._open_flow(parsed, key, now)
+            return
+        if syn_only:
+            self.stats["flows_over_limit"] += 1
+        else:
+            self.stats["segments_unknown_flow"] += 1
+        reply = reset_for(seq, ack, flags, end - start)
+        if reply is not None:
+            rseq, rack, rflags = reply
+            self._out.append(self.wire.build(family, dst, src, dport, sport, rseq, rack, rflags, 0))
+            self.stats["resets_sent"] += 1
+
+    # ------------------------------------------------------------------ flows
+
+    def _open_flow(self, parsed: tuple, key: tuple, now: float) -> None:
+        (family, src, dst, sport, dport, seq, ack, flags, window,
+         start, end, mss, wscale, sack_ok) = parsed
+        conn = TcpConnection(self.params, iss=secrets.randbits(32), irs=seq, peer_window=window,
+                             peer_mss=mss, peer_wscale=wscale, peer_sack_permitted=bool(sack_ok),
+                             now=now)
+        dst_ip = str(ipaddress.ip_address(dst))
+        flow = Flow(self, key, family, conn, dst_ip, dport)
+        self.flows[key] = flow
+        self.stats["flows_opened"] += 1
+        flow.task = self._loop.create_task(self._connect(flow))
+
+    async def _connect(self, flow: Flow) -> None:
+        protocol = TunnelProtocol(flow.dst_host, flow.dst_port, self.endpoint.credentials)
+        try:
+            await open_tunnel(self.endpoint, flow.dst_host, flow.dst_port,
+                              mark=self.config.bypass_mark, timeout=self.config.connect_timeout,
+                              protocol=protocol, ssl_context=self.endpoint_ssl())
+        except ProxyError as exc:
+            self._report_refusal(flow, exc)
+            self._refuse(flow)
+            return
+        except (ProxyUnreachableError, ProxyProtocolError, ProxyVpnError, OSError) as exc:
+            flow.log.warning("proxy connection failed: %s", exc)
+            self.stats["proxy_failures"] += 1
+            self._refuse(flow)
+            return
+        except asyncio.CancelledError:
+            return
+        if self.flows.get(flow.key) is not flow:  # the flow went away meanwhile
+            protocol.close()
+            return
+        flow.attach(protocol)
+        flow.conn.accept(self._loop.time())
+        flow.handle_events(self._loop.time())
+        self.touch(flow)
+        self.schedule_transmit()
+
+    def _report_refusal(self, flow: Flow, exc: ProxyError) -> None:
+        self.stats["proxy_refused"] += 1
+        if exc.auth_failed:
+            self.stats["proxy_auth_failed"] += 1
+            if not self._auth_reported:
+                self._auth_reported = True
+                log.error("proxy authentication failed (407 %s): check the user name and "
+                          "password; connections are refused until it is fixed", exc.reason)
+                return
+        flow.log.info("proxy refused: %s %s", exc.status, exc.reason)
+
+    def _refuse(self, flow: Flow) -> None:
+        if self.flows.get(flow.key) is not flow:
+            return
+        flow.conn.refuse(self._loop.time())
+        flow.handle_events(self._loop.time())
+        self.touch(flow)
+        self.schedule_transmit()
+
+    def forget(self, flow: Flow) -> None:
+        """Called by the flow once its connection reached CLOSED."""
+        if self.flows.get(flow.key) is flow:
+            del self.flows[flow.key]
+            self.stats["flows_closed"] += 1
+
+    # ------------------------------------------------------------------ output
+
+    def touch(self, flow: Flow) -> None:
+        self._dirty[flow] = None
+
+    def schedule_transmit(self) -> None:
+        """Coalesce work from proxy callbacks into one transmit per loop iteration."""
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._scheduled_transmit)
+
+    def _scheduled_transmit(self) -> None:
+        self._flush_scheduled = False
+        self.transmit()
+
+    def transmit(self) -> None:
+        """Build every pending segment of the dirty flows, write them, re-arm the timer."""
+        now = self._loop.time()
+        build = self.wire.build
+        out = self._out
+        while self._dirty:
+            dirty, self._dirty = self._dirty, {}
+            for flow in dirty:
+                family, (src, sport, dst, dport) = flow.family, flow.key
+                for seg in flow.conn.segments_to_send(now):
+                    out.append(build(family, dst, src, dport, sport, *seg))
+                deadline = flow.conn.next_timer()
+                if deadline is not None and deadline != flow.timer_at:
+                    flow.timer_at = deadline
+                    self._seq += 1
+                    heapq.heappush(self._timers, (deadline, self._seq, flow))
+                flow.after_transmit()
+        if out:
+            self._out = []
+            self._write(out)
+        self._arm_timer()
+
+    def _write(self, packets: list[bytes]) -> None:
+        if self._pcap:
+            stamp = time.time()
+            for packet in packets:
+                self._pcap.writepkt(packet, stamp)
+        self.stats["packets_out"] += len(packets)
+        if self._backlog:
+            self._backlog.extend(packets)
+            return
+        try:
+            written = self.wire.write_batch(self.fd, packets)
+        except OSError as exc:
+            # The kernel refused one packet (e.g. EINVAL for a bogus one): count it, go on.
+            self.stats["tun_write_errors"] += 1
+            log.debug("TUN write failed: %s", errno.errorcode.get(exc.errno, exc))
+            return
+        if written < len(packets):
+            self._backlog = packets[written:]
+            self._loop.add_writer(self.fd, self._on_writable)
+
+    def _on_writable(self) -> None:
+        backlog, self._backlog = self._backlog, []
+        written = self.wire.write_batch(self.fd, backlog)
+        if written < len(backlog):
+            self._backlog = backlog[written:]
+        else:
+            self._loop.remove_writer(self.fd)
+
+    # ------------------------------------------------------------------ timers
+
+    def _arm_timer(self) -> None:
+        timers = self._timers
+        while timers and (timers[0][2].timer_at != timers[0][0]
+                          or self.flows.get(timers[0][2].key) is not timers[0][2]):
+            heapq.heappop(timers)  # stale entry: the flow re-armed or went away
+        if not timers:
+            return
+        when = timers[0][0]
+        if self._timer_at is not None and self._timer_at <= when and self._timer_handle:
+            return
+        if self._timer_handle:
+            self._timer_handle.cancel()
+        self._timer_at = when
+        self._timer_handle = self._loop.call_at(when, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer_handle = None
+        self._timer_at = None
+        now = self._loop.time()
+        timers = self._timers
+        while timers and timers[0][0] <= now:
+            deadline, _, flow = heapq.heappop(timers)
+            if flow.timer_at != deadline or self.flows.get(flow.key) is not flow:
+                continue
+            flow.timer_at = None
+            flow.conn.handle_timer(now)
+            flow.handle_events(now)
+            self.touch(flow)
+        self.transmit()
+
+    # ------------------------------------------------------------------ misc
+
+    def endpoint_ssl(self) -> Any:
+        if self.endpoint.scheme != "https":
+            return None
+        if not hasattr(self, "_ssl"):
+            import ssl
+            self._ssl = ssl.create_default_context()
+        return self._ssl
+
+    def snapshot_stats(self) -> dict[str, Any]:
+        stats = dict(self.stats)
+        stats["flows_active"] = len(self.flows)
+        stats["fast_path"] = self.wire.IMPL
+        return stats
+
+
+def _open_pcap(path: Path) -> Any:
+    import dpkt
+
+    fh = open(path, "wb")  # noqa: SIM115 (closed in Engine.stop)
+    os.chmod(path, 0o600)
+    writer = dpkt.pcap.Writer(fh, snaplen=65535, linktype=dpkt.pcap.DLT_RAW)
+
+    class _Pcap:
+        def writepkt(self, packet: bytes, stamp: float) -> None:
+            writer.writepkt(packet, ts=stamp)
+
+        def close(self) -> None:
+            writer.close()
+
+    return _Pcap()
+
+
+async def run_engine(config: Config, plan: Any, tun: Any, state_dir: Path) -> str:
+    """Run until SIGINT/SIGTERM; returns why it stopped."""
+    assert config.proxy is not None
+    endpoint = ProxyEndpoint(scheme=config.proxy.scheme, host=config.proxy.host,
+                             port=config.proxy.port, addresses=tuple(plan.proxy_ips),
+                             credentials=config.proxy.credentials)
+    engine = Engine(config, endpoint, tun.fd, pcap_path=config.pcap)
+    loop = asyncio.get_running_loop()
+    stopped = asyncio.get_running_loop().create_future()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, lambda s=signum: stopped.done() or stopped.set_result(
+            signal.Signals(s).name))
+    engine.start()
+    stats_path = state_dir / "stats.json"
+    try:
+        while not stopped.done():
+            _write_stats(stats_path, engine.snapshot_stats())
+            await asyncio.wait([stopped], timeout=1.0)
+    finally:
+        engine.stop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)
+        stats_path.unlink(missing_ok=True)
+    return stopped.result()
+
+
+def _write_stats(path: Path, stats: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(stats, fh)
+    os.replace(tmp, path)

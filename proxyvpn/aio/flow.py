@@ -1,0 +1,162 @@
+"""One captured connection: the TCP state machine towards the app paired with its proxy tunnel.
+
+Back-pressure, both ways:
+- app -> proxy: the receive window we advertise is what the proxy socket's buffer can
+  still take (`rcv_buf - write_buffer_size`); when the kernel buffer drains, asyncio's
+  resume_writing reopens it.
+- proxy -> app: bytes the TCP send queue cannot take stay in `pending` and the proxy
+  socket stops being read until the app's ACKs free space.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+from typing import TYPE_CHECKING
+
+from proxyvpn.logs import FlowLogger
+from proxyvpn.netstack.tcp import (
+    Closed,
+    ConnectionReset,
+    DataReceived,
+    PeerClosed,
+    SendSpaceAvailable,
+    TcpConnection,
+    TimedOut,
+)
+
+if TYPE_CHECKING:
+    from proxyvpn.aio.engine import Engine
+    from proxyvpn.relay.dial import TunnelProtocol
+
+log = logging.getLogger("proxyvpn.flow")
+
+
+class Flow:
+    """Glue between one TcpConnection and one TunnelProtocol (it is the tunnel's sink)."""
+
+    __slots__ = ("engine", "key", "family", "conn", "dst_host", "dst_port", "tunnel", "task",
+                 "pending", "pending_eof", "timer_at", "log", "_closed", "_reading_paused", "_fin_queued")
+
+    def __init__(self, engine: Engine, key: tuple[bytes, int, bytes, int], family: int,
+                 conn: TcpConnection, dst_host: str, dst_port: int) -> None:
+        self.engine = engine
+        self.key = key
+        self.family = family
+        self.conn = conn
+        self.dst_host = dst_host
+        self.dst_port = dst_port
+        self.tunnel: TunnelProtocol | None = None
+        self.task: asyncio.Task | None = None
+        self.pending = bytearray()
+        self.pending_eof = False
+        self.timer_at: float | None = None
+        self._closed = False
+        self._reading_paused = False
+        self._fin_queued = False
+        src = f"{ipaddress.ip_address(key[0])}:{key[1]}"
+        dst = f"[{dst_host}]:{dst_port}" if ":" in dst_host else f"{dst_host}:{dst_port}"
+        self.log = FlowLogger(log, {"flow": f"{src} -> {dst}"})
+
+    def __hash__(self) -> int:
+        return id(self)
+
+    # ------------------------------------------------------------ stack -> proxy
+
+    def handle_events(self, now: float) -> None:
+        """Act on everything the state machine reported."""
+        conn = self.conn
+        while (event := conn.next_event()) is not None:
+            kind = type(event)
+            if kind is DataReceived:
+                if self.tunnel is not None:
+                    self.tunnel.write(event.data)
+            elif kind is SendSpaceAvailable:
+                self._push_pending(now)
+            elif kind is PeerClosed:
+                if self.tunnel is not None:
+                    self.tunnel.write_eof()
+            elif kind is ConnectionReset or kind is TimedOut:
+                self.log.debug("%s", kind.__name__)
+                self.close_tunnel(abort=True)
+            elif kind is Closed:
+                self._on_closed()
+        if self.tunnel is not None:
+            conn.set_receive_space(self.engine.params.rcv_buf - self.tunnel.write_buffer_size())
+
+    def _on_closed(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.close_tunnel()
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+        self.engine.forget(self)
+
+    def close_tunnel(self, abort: bool = False) -> None:
+        tunnel, self.tunnel = self.tunnel, None
+        if tunnel is not None:
+            tunnel.abort() if abort else tunnel.close()
+
+    def after_transmit(self) -> None:
+        """Hook after the engine sent our segments (nothing to do yet)."""
+
+    # ------------------------------------------------------------ proxy -> stack
+
+    def attach(self, tunnel: TunnelProtocol) -> None:
+        self.tunnel = tunnel
+        tunnel.attach(self)
+
+    def tunnel_data(self, data: bytes) -> None:
+        if self.pending:
+            self.pending += data
+        else:
+            taken = self.conn.send(data)
+            if taken < len(data):
+                self.pending += memoryview(data)[taken:]
+        if self.pending and not self._reading_paused and self.tunnel is not None:
+            self._reading_paused = True
+            self.tunnel.pause_reading()
+        self._wake()
+
+    def tunnel_eof(self) -> None:
+        self.pending_eof = not self._fin_queued
+        self._push_pending(self.engine._loop.time())
+        self._wake()
+
+    def tunnel_lost(self, exc: Exception | None) -> None:
+        now = self.engine._loop.time()
+        if exc is not None:
+            self.log.debug("proxy connection lost: %s", exc)
+            self.tunnel = None
+            self.conn.abort(now)
+        else:
+            self.pending_eof = not self._fin_queued
+            self._push_pending(now)
+        self.handle_events(now)
+        self._wake()
+
+    def tunnel_writable(self) -> None:
+        now = self.engine._loop.time()
+        if self.tunnel is not None:
+            self.conn.set_receive_space(self.engine.params.rcv_buf - self.tunnel.write_buffer_size())
+        self.handle_events(now)
+        self._wake()
+
+    def _push_pending(self, now: float) -> None:
+        if self.pending:
+            taken = self.conn.send(self.pending)
+            del self.pending[:taken]
+        if not self.pending:
+            if self.pending_eof:
+                self.pending_eof = False
+                self._fin_queued = True
+                self.conn.close(now)
+            elif self._reading_paused and self.tunnel is not None:
+                self._reading_paused = False
+                self.tunnel.resume_reading()
+
+    def _wake(self) -> None:
+        self.engine.touch(self)
+        self.engine.schedule_transmit()

@@ -1,0 +1,160 @@
+"""Wiring of the commands: config -> facts -> plan -> apply -> engine -> teardown.
+
+Each step lives in its own module; this file only orders them and owns the lifetime.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+from proxyvpn.config import Config, build_config, load_config_file, merge_settings
+from proxyvpn.errors import PrivilegeError, ProxyUnreachableError
+from proxyvpn.logs import register_secret
+
+log = logging.getLogger("proxyvpn")
+
+
+def load_config(config_file: Path | None, cli: dict[str, Any], *, dry_run: bool = False,
+                json: bool = False) -> Config:
+    """Merge file < environment/CLI (click already resolved env vars) and validate."""
+    file_settings = load_config_file(config_file) if config_file else {}
+    warnings: list[str] = []
+    config = build_config(merge_settings(file_settings, cli), dry_run=dry_run, json=json,
+                          warnings=warnings)
+    if config.proxy is not None:
+        register_secret(config.proxy.password)
+    for warning in warnings:
+        log.warning("warning: %s", warning)
+    return config
+
+
+def make_plan(config: Config):
+    """Facts from the host, then the pure plan."""
+    from proxyvpn.plan.build import build_plan
+    from proxyvpn.system.facts import read_facts
+
+    facts = read_facts(config)
+    plan = build_plan(config, facts)
+    for warning in plan.warnings:
+        log.warning("warning: %s", warning)
+    log.debug("DNS bypass IPs: %s", list(plan.dns_bypass))
+    return plan
+
+
+def dry_run(config: Config) -> str:
+    """The plan as commands (or JSON); needs no privileges and changes nothing."""
+    from proxyvpn.plan.render import plan_to_json, render_commands
+
+    plan = make_plan(config)
+    return plan_to_json(plan) if config.json else render_commands(plan)
+
+
+def has_cap_net_admin() -> bool:
+    """CAP_NET_ADMIN (bit 12) in our effective set, read from /proc (no library needed)."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("CapEff:"):
+                return bool(int(line.split()[1], 16) & (1 << 12))
+    return False
+
+
+def probe_proxy(addresses: tuple[str, ...], port: int, timeout: float) -> None:
+    """Fail before changing anything when no proxy address accepts TCP."""
+    errors = []
+    deadline = time.monotonic() + timeout
+    for address in addresses:
+        remaining = max(0.1, deadline - time.monotonic())
+        try:
+            with socket.create_connection((address, port), timeout=remaining):
+                return
+        except OSError as exc:
+            errors.append(f"{address}: {exc.strerror or exc}")
+    raise ProxyUnreachableError(tuple(f"{a}:{port}" for a in addresses), "; ".join(errors) or "no address")
+
+
+def run_up(config: Config) -> int:
+    """Apply the plan, run the data path until a stop signal, undo everything."""
+    from proxyvpn.aio.engine import run_engine
+    from proxyvpn.system.apply import apply_plan
+    from proxyvpn.system.down import clean_stale
+    from proxyvpn.system.state import StateDir, resolve_state_dir
+
+    assert config.proxy is not None
+    if not has_cap_net_admin():
+        raise PrivilegeError(
+            "CAP_NET_ADMIN is missing: run `sudo setcap cap_net_admin=eip /path/proxyvpn` "
+            "(or the install script), or use sudo"
+        )
+    plan = make_plan(config)
+    probe_proxy(plan.proxy_ips, config.proxy.port, config.connect_timeout)
+
+    state_dir = resolve_state_dir(config.state_dir)
+    state = StateDir(state_dir, keep=config.keep_logs)
+    state.acquire()
+    clean_stale(state_dir)
+    extra = {"proxy": config.proxy.display(), "tun": config.tun_name,
+             "killswitch": config.killswitch, "pid": os.getpid()}
+    applied = apply_plan(plan, state, extra)
+    stop_reason = "stopped"
+    try:
+        log.info("up: %s via %s (killswitch %s); Ctrl+C or `proxyvpn down` to stop",
+                 config.tun_name, config.proxy.display(), "on" if config.killswitch else "off")
+        stop_reason = asyncio.run(run_engine(config, plan, applied.tun, state_dir))
+    except KeyboardInterrupt:
+        stop_reason = "interrupted"
+    finally:
+        # Signals during teardown must not leave it half done.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        applied.teardown()
+        log.info("down: everything proxyvpn changed is undone (%s)", stop_reason)
+    return 0
+
+
+def run_down(state_dir: Path | None) -> str:
+    """Stop the running instance or clean up after a dead one; safe to run twice."""
+    from proxyvpn.system.down import bring_down
+    from proxyvpn.system.state import resolve_state_dir
+
+    return bring_down(resolve_state_dir(state_dir))
+
+
+def status(state_dir: Path | None, *, as_json: bool = False) -> tuple[str, bool]:
+    """What the state file says, and live counters from the running instance."""
+    from proxyvpn.system.state import StateDir, resolve_state_dir
+
+    directory = resolve_state_dir(state_dir)
+    store = StateDir(directory)
+    state = store.read()
+    pid = store.holder_pid()
+    running = pid is not None
+    info: dict[str, Any] = {"running": running, "state_dir": str(directory)}
+    if state:
+        info.update({k: state.get(k) for k in ("pid", "proxy", "tun", "killswitch", "started")})
+        info["operations"] = len(state.get("applied", []))
+    stats_file = directory / "stats.json"
+    if running and stats_file.exists():
+        with contextlib.suppress(OSError, ValueError):
+            info["stats"] = json.loads(stats_file.read_text())
+    if as_json:
+        return json.dumps(info, indent=2, sort_keys=True), running
+    if not running:
+        stale = " (a stale state file exists: run `proxyvpn down`)" if state else ""
+        return f"proxyvpn is not running{stale}", False
+    lines = [f"proxyvpn is running (pid {pid})",
+             f"  proxy:      {info.get('proxy')}",
+             f"  interface:  {info.get('tun')}",
+             f"  killswitch: {'on' if info.get('killswitch') else 'off'}"]
+    for key, value in sorted(info.get("stats", {}).items()):
+        if not isinstance(value, dict):
+            lines.append(f"  {key + ':':<11} {value}")
+    return "\n".join(lines), True

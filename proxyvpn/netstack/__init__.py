@@ -1,0 +1,1 @@
+"""Sans-IO network stack: wire format (parse/emit), sequence arithmetic, TCP states, flows."""

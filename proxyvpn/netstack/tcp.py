@@ -1,0 +1,1405 @@
+"""Sans-IO TCP state machine for the passive side of one captured connection.
+
+The peer is always the local Linux kernel (the app's socket) on the other side of
+the TUN device. The engine feeds parsed segments in with :meth:`TcpConnection.receive`
+and takes segments out with :meth:`TcpConnection.segments_to_send`; time is passed
+in, never read, so every behaviour is testable without a kernel (aioquic, smoltcp).
+
+What is implemented, by RFC:
+
+- RFC 9293 §3.10 segment arrival processing, in its order: acceptability test,
+  RST, SYN, ACK (SND.UNA / SND.WND with SND.WL1 / SND.WL2), text, FIN; every state
+  from LISTEN (with the app's SYN pending while the proxy is dialled) to TIME-WAIT.
+- RFC 5961: exact-match RST, challenge ACKs for in-window RSTs and for SYNs in
+  synchronized states, the ACK acceptability range.
+- RFC 7323 §2 window scaling (only when the app offered it). No timestamps and no
+  SACK: the segment tuple has no room for those options, and the peer is a local
+  kernel where loss is rare.
+- RFC 6298 retransmission timer (SRTT/RTTVAR, Karn's algorithm, exponential
+  back-off), RFC 5681 slow start / congestion avoidance with an initial window of
+  10 segments (RFC 6928), fast retransmit on three duplicate ACKs with RFC 6582
+  NewReno recovery (partial ACKs retransmit the next hole).
+- RFC 9293 §3.8.6.1 / RFC 1122 §4.2.2.17 zero-window probing with a backed-off
+  persist timer; RFC 1122 §4.2.3.3/§4.2.3.4 silly window syndrome avoidance.
+
+Sequence numbers are kept unwrapped: send-side positions count from ISS (the SYN is
+position 0, the first data byte position 1), receive-side positions from IRS. They
+are plain growing integers, so comparisons on the hot path are ordinary ``<``; the
+32-bit wire values are produced only when a segment is built.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from bisect import bisect_right
+from collections import deque
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from proxyvpn.netstack.events import (
+    Closed,
+    ConnectionReset,
+    DataReceived,
+    Established,
+    PeerClosed,
+    SendSpaceAvailable,
+    TcpEvent,
+    TimedOut,
+)
+from proxyvpn.netstack.seq import SEQ_HALF, SEQ_MASK, SEQ_MOD
+from proxyvpn.netstack.wire import ACK, FIN, PSH, RST, SYN, URG
+
+__all__ = [
+    "ACK",
+    "FIN",
+    "PSH",
+    "RST",
+    "SYN",
+    "URG",
+    "Segment",
+    "TcpConnection",
+    "TcpParams",
+    "TcpState",
+    "reset_for",
+]
+
+log = logging.getLogger("proxyvpn.netstack")
+
+_DEFAULT_MSS = 536
+"""RFC 9293 §3.7.1: the send MSS to assume when the SYN carried no MSS option."""
+
+_MAX_WSCALE = 14
+"""RFC 7323 §2.3: larger shifts are treated as 14."""
+
+_DUPTHRESH = 3
+"""RFC 5681 §3.2: duplicate ACKs that trigger fast retransmit."""
+
+_MAX_DUPACKS_PER_CALL = 16
+"""Bound on the immediate duplicate ACKs queued between two segments_to_send calls."""
+
+_MAX_OOO_SEGMENTS = 4096
+"""Bound on the number of out-of-order pieces, whatever their size (memory overhead)."""
+
+_MAX_CTL = 8
+"""Bound on queued control RSTs (answers to bad ACKs in SYN-RECEIVED)."""
+
+_CLOCK_GRANULARITY = 0.001
+"""G in RFC 6298 §2: the engine's timers are event-loop timers, about 1 ms."""
+
+
+@dataclass(frozen=True, slots=True)
+class TcpParams:
+    """Tunables shared by all connections of an engine."""
+
+    mss: int = 65495
+    """Our MSS, sent on the SYN-ACK: a 65535-byte TUN MTU minus 40 bytes of headers."""
+    rcv_buf: int = 4 * 1024 * 1024
+    """Largest receive window we ever offer (bytes)."""
+    snd_buf: int = 4 * 1024 * 1024
+    """Most bytes queued towards the app, unsent plus unacknowledged."""
+    wscale: int = 7
+    """Our window shift; only used if the app offered window scaling (RFC 7323 §2)."""
+    rto_initial: float = 1.0
+    """RTO before any RTT sample (RFC 6298 §2.1), also the first SYN-ACK timeout."""
+    rto_min: float = 0.2
+    """Lower bound of the RTO; 0.2 s like Linux rather than RFC 6298's 1 s."""
+    rto_max: float = 60.0
+    """Upper bound of the backed-off RTO and persist interval (RFC 6298 §2.5)."""
+    max_retransmits: int = 10
+    """Consecutive RTO expiries tolerated before aborting with TimedOut and a RST."""
+    syn_ack_retries: int = 5
+    """SYN-ACK retransmissions before giving up on the handshake."""
+    idle_timeout: float = 7200.0
+    """Abort (RST) after this long without any segment from the app."""
+    time_wait: float = 2.0
+    """TIME-WAIT duration; short because the peer is the local kernel, not a WAN."""
+    max_ooo_bytes: int | None = None
+    """Bound on out-of-order bytes held for reassembly; None means ``rcv_buf``."""
+    persist_max: float = 60.0
+    """Give up zero-window probing after the app has not ACKed for this long."""
+
+    def __post_init__(self) -> None:
+        """Validate, and resolve ``max_ooo_bytes`` to its default."""
+        if self.max_ooo_bytes is None:
+            object.__setattr__(self, "max_ooo_bytes", self.rcv_buf)
+        if not 1 <= self.mss <= 0xFFFF:
+            raise ValueError(f"mss must be in 1..65535, got {self.mss}")
+        if not 0 <= self.wscale <= _MAX_WSCALE:
+            raise ValueError(f"wscale must be in 0..14, got {self.wscale}")
+        if self.rcv_buf < 1 or self.snd_buf < 1:
+            raise ValueError("rcv_buf and snd_buf must be positive")
+        if self.max_ooo_bytes is not None and self.max_ooo_bytes < 0:
+            raise ValueError("max_ooo_bytes must not be negative")
+        if not 0 < self.rto_min <= self.rto_initial <= self.rto_max:
+            raise ValueError("need 0 < rto_min <= rto_initial <= rto_max")
+        if self.max_retransmits < 0 or self.syn_ack_retries < 0:
+            raise ValueError("retry counts must not be negative")
+
+
+class TcpState(enum.Enum):
+    """Connection states, named as in RFC 9293 §3.3.2."""
+
+    LISTEN = "LISTEN"
+    SYN_RECEIVED = "SYN-RECEIVED"
+    ESTABLISHED = "ESTABLISHED"
+    FIN_WAIT_1 = "FIN-WAIT-1"
+    FIN_WAIT_2 = "FIN-WAIT-2"
+    CLOSE_WAIT = "CLOSE-WAIT"
+    CLOSING = "CLOSING"
+    LAST_ACK = "LAST-ACK"
+    TIME_WAIT = "TIME-WAIT"
+    CLOSED = "CLOSED"
+
+
+class Segment(NamedTuple):
+    """One segment for the engine to put in a packet.
+
+    A plain tuple underneath, unpackable as
+    ``(seq, ack, flags, window, payload, mss, wscale, sack_permitted)``.
+    """
+
+    seq: int
+    """Sequence number (32-bit wire value)."""
+    ack: int
+    """Acknowledgment number (32-bit wire value); 0 when ACK is not set."""
+    flags: int
+    """Flag bits (FIN, SYN, RST, PSH, ACK)."""
+    window: int
+    """Window field, already right-shifted by our scale; at most 65535."""
+    payload: bytes | memoryview
+    """Segment text."""
+    mss: int = 0
+    """MSS option to include (SYN-ACK only), else 0."""
+    wscale: int = -1
+    """Window scale option to include (SYN-ACK only), else -1."""
+    sack_permitted: bool = False
+    """SACK-permitted option; always False (SACK is not implemented)."""
+
+
+_LISTEN = TcpState.LISTEN
+_SYN_RECEIVED = TcpState.SYN_RECEIVED
+_ESTABLISHED = TcpState.ESTABLISHED
+_FIN_WAIT_1 = TcpState.FIN_WAIT_1
+_FIN_WAIT_2 = TcpState.FIN_WAIT_2
+_CLOSE_WAIT = TcpState.CLOSE_WAIT
+_CLOSING = TcpState.CLOSING
+_LAST_ACK = TcpState.LAST_ACK
+_TIME_WAIT = TcpState.TIME_WAIT
+_CLOSED = TcpState.CLOSED
+
+_RECV_TEXT_STATES = frozenset({_ESTABLISHED, _FIN_WAIT_1, _FIN_WAIT_2})
+"""States that accept segment text and a FIN (RFC 9293 §3.10.7.4, seventh/eighth)."""
+
+_SEND_STATES = frozenset({_ESTABLISHED, _CLOSE_WAIT, _FIN_WAIT_1, _CLOSING, _LAST_ACK})
+"""States where data or our FIN may still be (re)transmitted."""
+
+_QUEUE_STATES = frozenset({_LISTEN, _SYN_RECEIVED, _ESTABLISHED, _CLOSE_WAIT})
+"""States where send() accepts data (before close())."""
+
+
+def reset_for(seq: int, ack: int, flags: int, payload_len: int) -> tuple[int, int, int] | None:
+    """Answer a segment that matches no connection (RFC 9293 §3.10.7.1).
+
+    Returns ``(seq, ack, flags)`` of the RST to send, or None for an incoming RST,
+    which must never be answered (it would start a RST war).
+    """
+    if flags & RST:
+        return None
+    if flags & ACK:
+        # <SEQ=SEG.ACK><CTL=RST>: the sender accepts it because it is exactly
+        # what it expects next.
+        return ack & SEQ_MASK, 0, RST
+    seg_len = payload_len + (1 if flags & SYN else 0) + (1 if flags & FIN else 0)
+    return 0, (seq + seg_len) & SEQ_MASK, RST | ACK
+
+
+class TcpConnection:
+    """The TCP state machine of one connection, passive side.
+
+    Created by the engine when the app's SYN arrives; stays in LISTEN with that SYN
+    pending (nothing is sent) until :meth:`accept` or :meth:`refuse`.
+    """
+
+    __slots__ = (
+        "params",
+        "iss",
+        "irs",
+        "peer_mss",
+        "peer_sack_permitted",
+        "bytes_in",
+        "bytes_out",
+        "retransmits",
+        "probes",
+        "snd_una",
+        "snd_nxt",
+        "snd_max",
+        "snd_wnd",
+        "snd_wl1",
+        "snd_wl2",
+        "rcv_nxt",
+        "_state",
+        "_wscale_ok",
+        "_snd_shift",
+        "_rcv_shift",
+        "_smss",
+        "_max_snd_wnd",
+        "_sndbuf",
+        "_sndbuf_start",
+        "_fin_queued",
+        "_fin_seq",
+        "_cwnd",
+        "_ssthresh",
+        "_ca_acc",
+        "_dupacks",
+        "_in_recovery",
+        "_recover",
+        "_rtx_now",
+        "_srtt",
+        "_rttvar",
+        "_rto",
+        "_rtt_seq",
+        "_rtt_time",
+        "_retries",
+        "_rtx_deadline",
+        "_persist_deadline",
+        "_persist_backoff",
+        "_probe_due",
+        "_probe_sent_at",
+        "_rcv_adv",
+        "_rcv_limit",
+        "_rcv_cap",
+        "_rcv_sws",
+        "_ooo_starts",
+        "_ooo_data",
+        "_ooo_bytes",
+        "_ooo_max",
+        "_ooo_fin",
+        "_ack_due",
+        "_dupacks_due",
+        "_synack_due",
+        "_synack_retries",
+        "_ctl",
+        "_events",
+        "_closed_emitted",
+        "_space_armed",
+        "_last_rx",
+        "_last_ack_rx",
+        "_tw_deadline",
+    )
+
+    def __init__(
+        self,
+        params: TcpParams,
+        iss: int,
+        irs: int,
+        peer_window: int,
+        peer_mss: int = 0,
+        peer_wscale: int = -1,
+        peer_sack_permitted: bool = False,
+        now: float = 0.0,
+    ) -> None:
+        """Record the app's SYN; state LISTEN with the SYN pending.
+
+        ``peer_window`` is the SYN's raw window field (never scaled, RFC 7323 §2.2),
+        ``peer_mss`` 0 if the SYN had no MSS option, ``peer_wscale`` -1 if it had no
+        window scale option.
+        """
+        self.params = params
+        self.iss = iss & SEQ_MASK
+        """Our initial send sequence number (wire value of send position 0)."""
+        self.irs = irs & SEQ_MASK
+        """The app's initial sequence number (wire value of receive position 0)."""
+        self.peer_mss = peer_mss
+        self.peer_sack_permitted = peer_sack_permitted
+        self.bytes_in = 0
+        """Data bytes received in order from the app (delivered as DataReceived)."""
+        self.bytes_out = 0
+        """Data bytes sent to the app and acknowledged by it."""
+        self.retransmits = 0
+        """Segments sent again (RTO, fast retransmit, SYN-ACK)."""
+        self.probes = 0
+        """Zero-window probes sent (RFC 9293 §3.8.6.1)."""
+        self._state = _LISTEN
+
+        # RFC 7323 §2.2: scaling is on only if both sides offer it, and the shift the
+        # app announced applies to windows it sends us.
+        self._wscale_ok = peer_wscale >= 0
+        self._snd_shift = min(peer_wscale, _MAX_WSCALE) if self._wscale_ok else 0
+        self._rcv_shift = params.wscale if self._wscale_ok else 0
+        self._smss = min(params.mss, peer_mss if peer_mss > 0 else _DEFAULT_MSS)
+
+        # Send side, unwrapped positions: 0 = our SYN, data from 1.
+        self.snd_una = 0
+        self.snd_nxt = 0
+        self.snd_max = 0
+        """Highest position ever sent (SND.NXT before any go-back-N retreat)."""
+        self.snd_wnd = peer_window & 0xFFFF
+        self.snd_wl1 = 0
+        self.snd_wl2 = 0
+        self._max_snd_wnd = self.snd_wnd
+        self._sndbuf = bytearray()
+        self._sndbuf_start = 1
+        self._fin_queued = False
+        self._fin_seq = -1
+        self._cwnd = 10 * self._smss  # RFC 6928 / the brief: IW = 10 segments
+        self._ssthresh = 1 << 40  # RFC 5681 §3.1: "arbitrarily high"
+        self._ca_acc = 0
+        self._dupacks = 0
+        self._in_recovery = False
+        self._recover = 0
+        self._rtx_now = False
+        self._srtt: float | None = None
+        self._rttvar = 0.0
+        self._rto = params.rto_initial
+        self._rtt_seq = -1
+        self._rtt_time = 0.0
+        self._retries = 0
+        self._rtx_deadline: float | None = None
+        self._persist_deadline: float | None = None
+        self._persist_backoff = 0
+        self._probe_due = False
+        self._probe_sent_at = -1.0
+
+        # Receive side, unwrapped positions: 0 = the app's SYN, data from 1.
+        self.rcv_nxt = 1
+        self._rcv_adv = 1
+        """Right edge of the window we advertised (RCV.NXT + RCV.WND); never retreats."""
+        self._rcv_limit = 1 + params.rcv_buf
+        """Position up to which the consumer said it can take data."""
+        self._rcv_cap = min(params.rcv_buf, 0xFFFF << self._rcv_shift)
+        # RFC 1122 §4.2.3.3: move the right edge only by min(RCV.BUFF/2, MSS) or more.
+        self._rcv_sws = max(1, min(params.rcv_buf // 2, self._smss))
+        self._ooo_starts: list[int] = []
+        self._ooo_data: list[bytes] = []
+        self._ooo_bytes = 0
+        mob = params.max_ooo_bytes
+        self._ooo_max = params.rcv_buf if mob is None else mob
+        self._ooo_fin = -1
+
+        self._ack_due = False
+        self._dupacks_due = 0
+        self._synack_due = False
+        self._synack_retries = 0
+        self._ctl: list[Segment] = []
+        self._events: deque[TcpEvent] = deque()
+        self._closed_emitted = False
+        self._space_armed = False
+        self._last_rx = now
+        self._last_ack_rx = now
+        self._tw_deadline: float | None = None
+
+    # ------------------------------------------------------------------ queries
+
+    @property
+    def state(self) -> TcpState:
+        """Current RFC 9293 state."""
+        return self._state
+
+    @property
+    def rto(self) -> float:
+        """Current retransmission timeout, including back-off (RFC 6298)."""
+        return self._rto
+
+    @property
+    def cwnd(self) -> int:
+        """Congestion window in bytes (RFC 5681)."""
+        return self._cwnd
+
+    @property
+    def send_mss(self) -> int:
+        """Largest payload we put in one segment: min(app's MSS, our MSS)."""
+        return self._smss
+
+    @property
+    def send_queued(self) -> int:
+        """Bytes queued towards the app, unsent plus unacknowledged."""
+        return len(self._sndbuf)
+
+    @property
+    def ooo_bytes(self) -> int:
+        """Out-of-order bytes held for reassembly."""
+        return self._ooo_bytes
+
+    @property
+    def receive_window(self) -> int:
+        """Bytes of window currently advertised beyond RCV.NXT."""
+        return max(self._rcv_adv - self.rcv_nxt, 0)
+
+    def send_space(self) -> int:
+        """How many bytes :meth:`send` would accept now."""
+        if self._fin_queued or self._state not in _QUEUE_STATES:
+            return 0
+        space = self.params.snd_buf - len(self._sndbuf)
+        return space if space > 0 else 0
+
+    def next_event(self) -> TcpEvent | None:
+        """Pop the oldest pending event, or None."""
+        return self._events.popleft() if self._events else None
+
+    def next_timer(self) -> float | None:
+        """Absolute time at which :meth:`handle_timer` should run, or None."""
+        if self._state is _CLOSED:
+            return None
+        t = self._last_rx + self.params.idle_timeout
+        for d in (self._rtx_deadline, self._persist_deadline, self._tw_deadline):
+            if d is not None and d < t:
+                t = d
+        return t
+
+    # ------------------------------------------------------------------ user calls
+
+    def accept(self, now: float) -> None:
+        """The proxy answered 2xx: answer the pending SYN with a SYN-ACK.
+
+        No-op unless the connection is still in LISTEN.
+        """
+        if self._state is not _LISTEN:
+            return
+        self._state = _SYN_RECEIVED
+        self._synack_due = True
+        self._rto = self.params.rto_initial
+        self._rtx_deadline = now + self._rto
+        # Time the handshake: the app's ACK gives the first RTT sample (RFC 6298 §2.2).
+        self._rtt_seq = 1
+        self._rtt_time = now
+        self._last_ack_rx = now
+
+    def refuse(self, now: float) -> None:
+        """The proxy refused or was unreachable: RST the SYN so connect() fails fast.
+
+        The RST carries an ACK of the SYN and sequence 0 (RFC 9293 §3.10.7.1: the SYN
+        had no ACK), which the app's kernel turns into ECONNREFUSED. No-op unless the
+        connection is still in LISTEN.
+        """
+        if self._state is not _LISTEN:
+            return
+        self._ctl.append(Segment(0, (self.irs + 1) & SEQ_MASK, RST | ACK, 0, b""))
+        self._enter_closed()
+
+    def send(self, data: bytes | bytearray | memoryview) -> int:
+        """Queue bytes from the proxy towards the app; returns how many were taken.
+
+        Never takes more than :meth:`send_space`, so the queue stays within
+        ``snd_buf``. A short count arms a :class:`SendSpaceAvailable` event.
+        """
+        space = self.send_space()
+        n = len(data)
+        if n > space:
+            n = space
+        if n:
+            if n == len(data):
+                self._sndbuf += data
+            else:
+                self._sndbuf += memoryview(data)[:n]
+        if n < len(data) or self.send_space() < self.params.snd_buf // 2:
+            self._space_armed = True
+        return n
+
+    def close(self, now: float) -> None:
+        """The proxy hit EOF: send our FIN after all queued data (half-close).
+
+        RFC 9293 §3.10.4: the state changes at once (FIN-WAIT-1 / LAST-ACK), the FIN
+        itself goes out once every queued byte has been sent; we keep receiving.
+        In SYN-RECEIVED the FIN waits for ESTABLISHED. In LISTEN this is
+        :meth:`refuse`, since the app has not been answered yet.
+        """
+        state = self._state
+        if state is _LISTEN:
+            self.refuse(now)
+            return
+        if self._fin_queued or state not in _QUEUE_STATES:
+            return
+        self._fin_queued = True
+        self._fin_seq = self._sndbuf_start + len(self._sndbuf)
+        if state is _ESTABLISHED:
+            self._state = _FIN_WAIT_1
+        elif state is _CLOSE_WAIT:
+            self._state = _LAST_ACK
+
+    def abort(self, now: float) -> None:
+        """Drop the connection: queue a RST (if the app can hear one) and go CLOSED."""
+        if self._state is _CLOSED:
+            return
+        self._queue_abort_rst()
+        self._enter_closed()
+
+    def set_receive_space(self, n: int) -> None:
+        """The consumer can take ``n`` more bytes beyond everything delivered so far.
+
+        The advertised window becomes min(n, rcv_buf), but its right edge never
+        moves left (RFC 9293 §3.8.6.2.1). Without calls to this method the window
+        closes after ``rcv_buf`` bytes: delivered data is charged to the consumer
+        until it reports space again. A window update ACK is queued when the window
+        opens from below one MSS to at least one MSS, or by half of rcv_buf
+        (RFC 1122 §4.2.3.3), so the app does not wait for its persist timer.
+        Note the receive-side SWS rule: the right edge only moves by at least
+        min(rcv_buf/2, MSS), so the consumer must be able to report that much.
+        """
+        self._rcv_limit = self.rcv_nxt + (n if n > 0 else 0)
+        if self._state not in _RECV_TEXT_STATES:
+            return
+        old = self._rcv_adv - self.rcv_nxt
+        if old < 0:
+            old = 0
+        new = self._wanted_window()
+        if new > old:
+            mss = self._smss
+            if (old < mss <= new) or new - old >= self.params.rcv_buf // 2:
+                self._ack_due = True
+
+    # ------------------------------------------------------------------ arrivals
+
+    def receive(
+        self,
+        seq: int,
+        ack: int,
+        flags: int,
+        window: int,
+        payload: bytes | bytearray | memoryview,
+        now: float,
+    ) -> None:
+        """Process one segment from the app (RFC 9293 §3.10.7).
+
+        ``window`` is the raw 16-bit field; ``payload`` may be a memoryview into the
+        engine's packet buffer: whatever is kept is copied.
+        """
+        state = self._state
+        if state is _CLOSED:
+            return
+        self._last_rx = now
+        if state is _LISTEN:
+            # The SYN is pending while the proxy is dialled. Retransmitted SYNs are
+            # ignored; anything else cannot be legitimate yet (the app has seen
+            # nothing from us), and RFC 9293 §3.10.7.2 ignores RSTs here too.
+            return
+        plen = len(payload)
+        rcv_nxt = self.rcv_nxt
+        off = (seq - self.irs - rcv_nxt) & SEQ_MASK
+        if off >= SEQ_HALF:
+            off -= SEQ_MOD
+        # Fast path: ESTABLISHED, exactly in order, ACK set, no SYN/RST/FIN, the text
+        # fits the window and no out-of-order FIN bounds it. Steps 1-4 of §3.10.7.4
+        # cannot reject such a segment and the text needs no trimming.
+        if (
+            off == 0
+            and state is _ESTABLISHED
+            and (flags & (SYN | RST | FIN | ACK)) == ACK
+            and plen <= self._rcv_adv - rcv_nxt
+            and self._ooo_fin < 0
+        ):
+            if self._on_ack(ack, window, rcv_nxt, plen == 0, now) and plen:
+                self._deliver(payload, 0, plen, now)
+            return
+        self._receive_slow(state, off, ack, flags, window, payload, plen, now)
+
+    def _receive_slow(
+        self,
+        state: TcpState,
+        off: int,
+        ack: int,
+        flags: int,
+        window: int,
+        payload: bytes | bytearray | memoryview,
+        plen: int,
+        now: float,
+    ) -> None:
+        """Everything but the in-order ESTABLISHED case, step by step (§3.10.7.4)."""
+        rcv_nxt = self.rcv_nxt
+        wnd = self._rcv_adv - rcv_nxt
+        if wnd < 0:
+            wnd = 0
+
+        # Second (checked first, RFC 5961 §3.2): RST. Only an exact RCV.NXT match
+        # resets; an in-window RST earns a challenge ACK; anything else is dropped.
+        if flags & RST:
+            if off == 0:
+                self._reset_by_peer(state)
+            elif 0 < off < wnd:
+                self._ack_due = True
+            return
+
+        # Fourth: SYN.
+        if flags & SYN:
+            if state is _SYN_RECEIVED:
+                # Our SYN-ACK was lost and the app retransmitted its SYN.
+                if not flags & ACK:
+                    self._synack_due = True
+                return
+            if state is _TIME_WAIT and not flags & ACK and off > 0:
+                # RFC 9293 §3.10.7.4 / RFC 6191: a new incarnation of the 4-tuple.
+                # Forget this one; the app's next SYN retransmission (or this SYN,
+                # if the engine re-dispatches it) opens a fresh connection.
+                self._enter_closed()
+                return
+            self._ack_due = True  # RFC 5961 §4: challenge ACK, drop
+            return
+
+        # First: acceptability test (RFC 9293 §3.10.7.4 table), with two Linux-like
+        # allowances: a segment at exactly RCV.NXT is taken even into a zero window
+        # (its ACK and a bare FIN are processed, its text is not: "special allowance
+        # should be made to accept valid ACKs"), and a pure ACK may sit at the right
+        # edge (the app filled our window and some of its segments are in flight).
+        fin = flags & FIN
+        seg_len = plen + (1 if fin else 0)
+        ok = (0 <= off <= wnd) if seg_len == 0 else (off == 0 or (off < wnd and off + seg_len > 0))
+        if not ok:
+            if state is _TIME_WAIT and fin:
+                # A retransmitted FIN: our last ACK was lost. Re-ACK it and restart
+                # the 2*MSL wait (RFC 9293 §3.10.7.4, TIME-WAIT).
+                self._tw_deadline = now + self.params.time_wait
+            self._ack_due = True
+            return
+
+        # Fifth: ACK. Segments without it are dropped.
+        if not flags & ACK:
+            return
+        seg_start = rcv_nxt + off
+        if state is _SYN_RECEIVED:
+            a = (ack - self.iss) & SEQ_MASK
+            if a != 1:
+                # Not an ACK of our SYN: <SEQ=SEG.ACK><CTL=RST> (§3.10.7.4).
+                if len(self._ctl) < _MAX_CTL:
+                    self._ctl.append(Segment(ack & SEQ_MASK, 0, RST, 0, b""))
+                return
+            self._establish(window, seg_start, now)
+        elif state is _TIME_WAIT or not self._on_ack(ack, window, seg_start, seg_len == 0, now):
+            # TIME-WAIT: only a retransmitted FIN may arrive, handled above.
+            return
+        state = self._state
+
+        # Seventh and eighth: text and FIN, only where the app may still send them.
+        if state in _RECV_TEXT_STATES:
+            self._text_and_fin(seg_start, payload, plen, fin, now)
+
+    def _establish(self, window: int, seg_start: int, now: float) -> None:
+        """SYN-RECEIVED -> ESTABLISHED on the ACK of our SYN (RFC 9293 §3.10.7.4)."""
+        self.snd_una = 1
+        if self.snd_nxt < 1:
+            self.snd_nxt = 1
+        if self.snd_max < 1:
+            self.snd_max = 1
+        self.snd_wnd = window << self._snd_shift
+        if self.snd_wnd > self._max_snd_wnd:
+            self._max_snd_wnd = self.snd_wnd
+        self.snd_wl1 = seg_start
+        self.snd_wl2 = 1
+        self._last_ack_rx = now
+        if self._rtt_seq == 1:
+            self._rtt_sample(now - self._rtt_time)
+        elif self._srtt is None:
+            # RFC 6298 §5.7: a lost SYN-ACK must not leave a backed-off RTO behind.
+            self._rto = self.params.rto_initial
+        self._rtt_seq = -1
+        self._rtx_deadline = None
+        self._retries = 0
+        self._state = _FIN_WAIT_1 if self._fin_queued else _ESTABLISHED
+        self._events.append(Established())
+
+    def _on_ack(self, ack: int, window: int, seg_start: int, pure: bool, now: float) -> bool:
+        """ACK field processing in synchronized states; False if the segment is dropped."""
+        snd_una = self.snd_una
+        d = (ack - self.iss - snd_una) & SEQ_MASK
+        if d >= SEQ_HALF:
+            d -= SEQ_MOD
+        a = snd_una + d
+        if a > self.snd_max:
+            # RFC 9293 §3.10.7.4: it ACKs something not yet sent: ACK, drop.
+            self._ack_due = True
+            return False
+        if d < 0 and -d > self._max_snd_wnd:
+            # RFC 5961 §5.2: outside SND.UNA - MAX.SND.WND .. SND.NXT: challenge ACK.
+            self._ack_due = True
+            return False
+        self._last_ack_rx = now
+        wnd_changed = False
+        if d >= 0:
+            # Window update rule (§3.10.7.4): only from a segment no older than the
+            # one that last set the window, so reordered ACKs cannot shrink it.
+            wl1 = self.snd_wl1
+            if wl1 < seg_start or (wl1 == seg_start and self.snd_wl2 <= a):
+                wnd = window << self._snd_shift
+                if wnd != self.snd_wnd:
+                    wnd_changed = True
+                    self.snd_wnd = wnd
+                    if wnd > self._max_snd_wnd:
+                        self._max_snd_wnd = wnd
+                self.snd_wl1 = seg_start
+                self.snd_wl2 = a
+            if d > 0:
+                self._on_new_ack(a, now)
+            elif pure and not wnd_changed and self.snd_wnd and self.snd_nxt > snd_una:
+                # RFC 5681 §2 duplicate ACK: data outstanding, no text/SYN/FIN, same
+                # ACK and same window.
+                self._on_dup_ack()
+        if self.snd_nxt > self.snd_una and self.snd_wl2 + self.snd_wnd <= self.snd_una:
+            # The window closed with data in flight (RFC 9293 §3.8.6.2.2, shrinking):
+            # treat it as unsent and let the persist timer probe; no RTO timeout.
+            self.snd_nxt = self.snd_una
+            self._rtx_deadline = None
+            self._rtt_seq = -1
+        return True
+
+    def _on_new_ack(self, a: int, now: float) -> None:
+        """SND.UNA < SEG.ACK =< SND.MAX: free acknowledged data, run RFC 5681/6298/6582."""
+        snd_una = self.snd_una
+        acked = a - snd_una
+        buf_start = self._sndbuf_start
+        data_end = buf_start + len(self._sndbuf)
+        upto = a if a < data_end else data_end
+        if upto > buf_start:
+            # bytearray deletes from the front in O(1) amortized (it moves its start).
+            del self._sndbuf[: upto - buf_start]
+            self._sndbuf_start = upto
+            self.bytes_out += upto - buf_start
+        self.snd_una = a
+        if self.snd_nxt < a:
+            self.snd_nxt = a
+        self._retries = 0
+        if 0 <= self._rtt_seq <= a:
+            self._rtt_sample(now - self._rtt_time)
+            self._rtt_seq = -1
+
+        smss = self._smss
+        if self._in_recovery:
+            if a >= self._recover:
+                # RFC 6582 §3.2 step 3, full ACK: deflate the window and leave recovery.
+                self._in_recovery = False
+                self._dupacks = 0
+                flight = self.snd_nxt - a
+                self._cwnd = min(self._ssthresh, max(flight, smss) + smss)
+            else:
+                # RFC 6582 §3.2 step 4, partial ACK: the next hole is lost too.
+                self._rtx_now = True
+                cwnd = self._cwnd - acked
+                if acked >= smss:
+                    cwnd += smss
+                self._cwnd = cwnd if cwnd > smss else smss
+        else:
+            self._dupacks = 0
+            if self._cwnd < self._ssthresh:
+                # Slow start with RFC 3465 appropriate byte counting, L = 2*SMSS.
+                self._cwnd += acked if acked < 2 * smss else 2 * smss
+            else:
+                self._ca_acc += acked
+                if self._ca_acc >= self._cwnd:
+                    self._ca_acc -= self._cwnd
+                    self._cwnd += smss
+            if self._cwnd > 1 << 32:
+                self._cwnd = 1 << 32
+        # RFC 6298 §5.2/§5.3: stop the timer when all is acknowledged, else restart.
+        self._rtx_deadline = now + self._rto if self.snd_nxt > a else None
+
+        if self._fin_queued and a > self._fin_seq:
+            self._on_fin_acked(now)
+        elif self._space_armed and self.send_space() >= self.params.snd_buf // 2:
+            self._space_armed = False
+            self._events.append(SendSpaceAvailable())
+
+    def _on_dup_ack(self) -> None:
+        """Count a duplicate ACK; the third starts fast retransmit (RFC 5681 §3.2)."""
+        self._dupacks += 1
+        smss = self._smss
+        if self._in_recovery:
+            # RFC 6582 §3.2 step 3: each further duplicate means a segment left the
+            # network; inflate so new data can keep the pipe full.
+            self._cwnd += smss
+        elif self._dupacks == _DUPTHRESH and self.snd_una >= self._recover:
+            # RFC 6582 §3.2 step 2: only if this is not the tail of an earlier loss
+            # episode (SND.UNA has passed "recover").
+            flight = self.snd_nxt - self.snd_una
+            self._ssthresh = max(flight // 2, 2 * smss)
+            self._recover = self.snd_max
+            self._cwnd = self._ssthresh + _DUPTHRESH * smss
+            self._in_recovery = True
+            self._rtx_now = True
+            self._rtt_seq = -1  # Karn
+
+    def _on_fin_acked(self, now: float) -> None:
+        """Our FIN is acknowledged (RFC 9293 §3.10.7.4, FIN-WAIT-1/CLOSING/LAST-ACK)."""
+        self._rtx_deadline = None
+        self._persist_deadline = None
+        state = self._state
+        if state is _FIN_WAIT_1:
+            self._state = _FIN_WAIT_2
+        elif state is _CLOSING:
+            self._enter_time_wait(now)
+        elif state is _LAST_ACK:
+            self._enter_closed()
+
+    def _text_and_fin(
+        self,
+        seg_start: int,
+        payload: bytes | bytearray | memoryview,
+        plen: int,
+        fin: int,
+        now: float,
+    ) -> None:
+        """Seventh and eighth steps: deliver or hold the text, then the FIN."""
+        rcv_nxt = self.rcv_nxt
+        end = seg_start + plen
+        fin_pos = end if fin else -1
+        right = self._rcv_adv
+        if self._ooo_fin >= 0 and self._ooo_fin < right:
+            right = self._ooo_fin  # nothing exists beyond a FIN already seen
+        if end > right:
+            # Text beyond the window is dropped, and so is a FIN after it.
+            end = right
+            fin_pos = -1
+        start = seg_start if seg_start > rcv_nxt else rcv_nxt
+        if start < end:
+            if start == rcv_nxt:
+                self._deliver(payload, start - seg_start, end - seg_start, now)
+            else:
+                self._ooo_insert(start, payload, start - seg_start, end - seg_start)
+                self._queue_dupack()
+        elif plen:
+            # Only old text (a retransmission we already have), or text into a zero
+            # window: tell the app where we are.
+            self._ack_due = True
+        if fin_pos < 0:
+            return
+        if fin_pos == self.rcv_nxt:
+            self._on_fin(now)
+        elif fin_pos > self.rcv_nxt:
+            if self._ooo_fin < 0:
+                held_end = self._ooo_starts[-1] + len(self._ooo_data[-1]) if self._ooo_starts else 0
+                # An out-of-order FIN: remembered, processed when the hole fills.
+                # One before text we already hold is bogus and ignored.
+                if fin_pos >= held_end:
+                    self._ooo_fin = fin_pos
+            if not plen:
+                self._queue_dupack()
+
+    def _deliver(
+        self, payload: bytes | bytearray | memoryview, lo: int, hi: int, now: float
+    ) -> None:
+        """Emit in-order text ``payload[lo:hi]`` (which starts at RCV.NXT)."""
+        data = bytes(payload) if lo == 0 and hi == len(payload) else bytes(payload[lo:hi])
+        self.rcv_nxt += hi - lo
+        if self._ooo_starts and self._ooo_starts[0] <= self.rcv_nxt:
+            chunks = self._ooo_drain()
+            if chunks:
+                data = b"".join([data, *chunks])
+        self.bytes_in += len(data)
+        self._events.append(DataReceived(data))
+        self._ack_due = True
+        if self._ooo_fin >= 0 and self._ooo_fin == self.rcv_nxt:
+            self._on_fin(now)
+
+    def _on_fin(self, now: float) -> None:
+        """The app's FIN, in order (RFC 9293 §3.10.7.4, eighth)."""
+        self.rcv_nxt += 1
+        self._ooo_fin = -1
+        self._ooo_clear()
+        self._ack_due = True
+        self._events.append(PeerClosed())
+        state = self._state
+        if state is _ESTABLISHED:
+            self._state = _CLOSE_WAIT
+        elif state is _FIN_WAIT_1:
+            # Our FIN is not acknowledged yet (it would be FIN-WAIT-2 otherwise).
+            self._state = _CLOSING
+        elif state is _FIN_WAIT_2:
+            self._enter_time_wait(now)
+
+    def _reset_by_peer(self, state: TcpState) -> None:
+        """An acceptable RST: the app aborted (RFC 9293 §3.10.7.4, second)."""
+        if state is not _TIME_WAIT:
+            self._events.append(ConnectionReset())
+        self._enter_closed()
+
+    # ------------------------------------------------------------------ reassembly
+
+    def _queue_dupack(self) -> None:
+        """An immediate duplicate ACK per out-of-order segment (RFC 5681 §4.2)."""
+        if self._dupacks_due < _MAX_DUPACKS_PER_CALL:
+            self._dupacks_due += 1
+        self._ack_due = True
+
+    def _ooo_insert(
+        self, start: int, payload: bytes | bytearray | memoryview, lo: int, hi: int
+    ) -> None:
+        """Hold ``payload[lo:hi]`` (at position ``start``) minus what is already held.
+
+        The held pieces stay sorted and disjoint; overlap is trimmed from the new
+        segment, and whatever exceeds ``max_ooo_bytes`` is dropped (the app will
+        retransmit it).
+        """
+        starts = self._ooo_starts
+        datas = self._ooo_data
+        end = start + (hi - lo)
+        base = start - lo  # position of payload[0]
+        i = bisect_right(starts, start)
+        cur = start
+        if i:
+            prev_end = starts[i - 1] + len(datas[i - 1])
+            if prev_end >= end:
+                return
+            if prev_end > cur:
+                cur = prev_end
+        new_s: list[int] = []
+        new_d: list[bytes] = []
+        budget = self._ooo_max - self._ooo_bytes
+        room = _MAX_OOO_SEGMENTS - len(starts)
+        j = i
+        n = len(starts)
+        while cur < end:
+            nxt_start = starts[j] if j < n else end
+            if nxt_start > end:
+                nxt_start = end
+            if nxt_start > cur:
+                take = nxt_start - cur
+                if take > budget:
+                    take = budget
+                if take <= 0 or room <= 0:
+                    break
+                new_s.append(cur)
+                new_d.append(bytes(payload[cur - base : cur + take - base]))
+                budget -= take
+                room -= 1
+                self._ooo_bytes += take
+            if j >= n or starts[j] >= end:
+                break
+            seg_end = starts[j] + len(datas[j])
+            if seg_end > cur:
+                cur = seg_end
+            j += 1
+        if not new_s:
+            return
+        if j == i:
+            starts[i:i] = new_s
+            datas[i:i] = new_d
+        else:
+            pairs = sorted(zip(starts[i:j] + new_s, datas[i:j] + new_d, strict=True))
+            starts[i:j] = [p[0] for p in pairs]
+            datas[i:j] = [p[1] for p in pairs]
+
+    def _ooo_drain(self) -> list[bytes]:
+        """Pop held pieces that RCV.NXT has reached; advance RCV.NXT past them."""
+        starts = self._ooo_starts
+        datas = self._ooo_data
+        rcv_nxt = self.rcv_nxt
+        chunks: list[bytes] = []
+        k = 0
+        n = len(starts)
+        while k < n and starts[k] <= rcv_nxt:
+            s = starts[k]
+            d = datas[k]
+            e = s + len(d)
+            if e > rcv_nxt:
+                chunks.append(d if s == rcv_nxt else d[rcv_nxt - s :])
+                rcv_nxt = e
+            self._ooo_bytes -= len(d)
+            k += 1
+        del starts[:k]
+        del datas[:k]
+        self.rcv_nxt = rcv_nxt
+        return chunks
+
+    def _ooo_clear(self) -> None:
+        self._ooo_starts.clear()
+        self._ooo_data.clear()
+        self._ooo_bytes = 0
+
+    # ------------------------------------------------------------------ output
+
+    def segments_to_send(self, now: float) -> list[Segment]:
+        """Segments to transmit now, in order.
+
+        Data segments carry the ACK; besides them at most one pure ACK is produced
+        per call (ACK coalescing), except that every out-of-order arrival gets its
+        own immediate duplicate ACK so the app's fast retransmit can work.
+        """
+        out: list[Segment] = []
+        if self._ctl:
+            out.extend(self._ctl)
+            self._ctl.clear()
+        state = self._state
+        if state is _CLOSED or state is _LISTEN:
+            return out
+        if state is _SYN_RECEIVED:
+            if self._synack_due or self._ack_due or self._dupacks_due:
+                self._emit_synack(out, now)
+            return out
+        ack_w = (self.irs + self.rcv_nxt) & SEQ_MASK
+        win, edge = self._window_field()
+        sent = False
+        if state in _SEND_STATES:
+            sent = self._emit_data(out, now, ack_w, win)
+        ndup = self._dupacks_due
+        if ndup or (self._ack_due and not sent):
+            seg = Segment(self._ack_seq_wire(), ack_w, ACK, win, b"")
+            if ndup > 1:
+                out.extend([seg] * ndup)
+            else:
+                out.append(seg)
+            sent = True
+        if sent and edge > self._rcv_adv:
+            # Only a window actually sent moves the edge we must honour.
+            self._rcv_adv = edge
+        self._ack_due = False
+        self._dupacks_due = 0
+        self._update_persist(now)
+        return out
+
+    def _emit_synack(self, out: list[Segment], now: float) -> None:
+        """(Re)send <SEQ=ISS><ACK=RCV.NXT><CTL=SYN,ACK> with our options."""
+        # RFC 7323 §2.2: the window in a SYN segment is never scaled.
+        w = self._wanted_window()
+        if w > 0xFFFF:
+            w = 0xFFFF
+        if self.rcv_nxt + w > self._rcv_adv:
+            self._rcv_adv = self.rcv_nxt + w
+        w = self._rcv_adv - self.rcv_nxt
+        out.append(
+            Segment(
+                self.iss,
+                (self.irs + self.rcv_nxt) & SEQ_MASK,
+                SYN | ACK,
+                w if w < 0xFFFF else 0xFFFF,
+                b"",
+                self.params.mss,
+                self._rcv_shift if self._wscale_ok else -1,
+                False,
+            )
+        )
+        if self.snd_max >= 1:
+            self.retransmits += 1
+        else:
+            self.snd_nxt = self.snd_max = 1
+        if self._rtx_deadline is None:
+            self._rtx_deadline = now + self._rto
+        self._synack_due = False
+        self._ack_due = False
+        self._dupacks_due = 0
+
+    def _emit_data(self, out: list[Segment], now: float, ack_w: int, win: int) -> bool:
+        """Append retransmissions, new data, the FIN and probes; True if any."""
+        sndbuf = self._sndbuf
+        buf_start = self._sndbuf_start
+        data_end = buf_start + len(sndbuf)
+        seq_end = data_end + 1 if self._fin_queued else data_end
+        una = self.snd_una
+        iss = self.iss
+        smss = self._smss
+        sent = False
+        with memoryview(sndbuf) as mv:
+            if self._rtx_now:
+                # Fast retransmit / NewReno partial ACK: the first unacknowledged
+                # segment, whatever the windows say (it was in them once).
+                self._rtx_now = False
+                if una < self.snd_max:
+                    n = min(smss, self.snd_max - una, data_end - una)
+                    if n < 0:
+                        n = 0
+                    fin = self._fin_queued and una + n == data_end and una + n < self.snd_max
+                    flags = ACK | (FIN if fin else 0) | (PSH if n and una + n == data_end else 0)
+                    lo = una - buf_start
+                    out.append(
+                        Segment((iss + una) & SEQ_MASK, ack_w, flags, win, bytes(mv[lo : lo + n]))
+                    )
+                    self.retransmits += 1
+                    sent = True
+                    if self._rtx_deadline is None:
+                        self._rtx_deadline = now + self._rto
+
+            nxt = self.snd_nxt
+            if nxt < seq_end:
+                edge = self.snd_wl2 + self.snd_wnd
+                limit = una + self._cwnd
+                if edge < limit:
+                    limit = edge
+                snd_max = self.snd_max
+                while nxt < seq_end:
+                    if nxt < data_end:
+                        n = data_end - nxt
+                        if n > smss:
+                            n = smss
+                        room = limit - nxt
+                        if n > room:
+                            # Sender SWS avoidance (RFC 9293 §3.8.6.2.1): a short
+                            # segment only if nothing is in flight or it is at least
+                            # half the largest window the app has offered.
+                            if room <= 0 or (nxt > una and room < self._max_snd_wnd >> 1):
+                                break
+                            n = room
+                        end = nxt + n
+                        # Our FIN takes a sequence number, hence a byte of window.
+                        fin = self._fin_queued and end == data_end and end < edge
+                        flags = ACK | (PSH if end == data_end else 0)
+                        if fin:
+                            flags |= FIN
+                            end += 1
+                        lo = nxt - buf_start
+                        payload = bytes(mv[lo : lo + n])
+                    else:
+                        # Only the FIN is left.
+                        if nxt >= edge:
+                            break
+                        end = nxt + 1
+                        flags = ACK | FIN
+                        payload = b""
+                    out.append(Segment((iss + nxt) & SEQ_MASK, ack_w, flags, win, payload))
+                    sent = True
+                    if nxt < snd_max:
+                        self.retransmits += 1
+                    elif self._rtt_seq < 0:
+                        self._rtt_seq = end
+                        self._rtt_time = now
+                    nxt = end
+                    if nxt > snd_max:
+                        snd_max = nxt
+                    if self._rtx_deadline is None:
+                        self._rtx_deadline = now + self._rto
+                self.snd_nxt = nxt
+                self.snd_max = snd_max
+
+            if self._probe_due:
+                self._probe_due = False
+                nxt = self.snd_nxt
+                # Only if the window is still closed and nothing is in flight: an ACK
+                # may have reopened it since the persist timer fired.
+                if nxt == una and nxt < seq_end and self.snd_wl2 + self.snd_wnd <= nxt:
+                    # RFC 9293 §3.8.6.1: one byte beyond the closed window (or the
+                    # bare FIN); the app answers with an ACK carrying its window.
+                    # SND.NXT does not move: the byte counts as unsent until ACKed.
+                    if nxt < data_end:
+                        lo = nxt - buf_start
+                        probe = Segment(
+                            (iss + nxt) & SEQ_MASK, ack_w, ACK, win, bytes(mv[lo : lo + 1])
+                        )
+                    else:
+                        probe = Segment((iss + nxt) & SEQ_MASK, ack_w, ACK | FIN, win, b"")
+                    out.append(probe)
+                    sent = True
+                    self.probes += 1
+                    self._probe_sent_at = now
+                    if nxt + 1 > self.snd_max:
+                        self.snd_max = nxt + 1
+        return sent
+
+    def _ack_seq_wire(self) -> int:
+        """Sequence number for a pure ACK or RST.
+
+        SND.MAX is what the app most likely expects (SND.NXT may have retreated after
+        an RTO); but never beyond the app's window, where Linux would drop the
+        segment as out of window (like its tcp_acceptable_seq()).
+        """
+        s = self.snd_max
+        edge = self.snd_wl2 + self.snd_wnd
+        if s > edge:
+            s = edge if edge > self.snd_una else self.snd_una
+        return (self.iss + s) & SEQ_MASK
+
+    def _wanted_window(self) -> int:
+        """The window (bytes beyond RCV.NXT) we would advertise now, not yet committed.
+
+        RFC 9293 §3.8.6.2.1 / RFC 1122 §4.2.3.3: the right edge never retreats, and
+        advances only by at least min(rcv_buf/2, MSS) so the app cannot be lured into
+        sending tiny segments.
+        """
+        rcv_nxt = self.rcv_nxt
+        cur = self._rcv_adv - rcv_nxt
+        if cur < 0:
+            cur = 0
+        avail = self._rcv_limit - rcv_nxt
+        if avail > self._rcv_cap:
+            avail = self._rcv_cap
+        if avail > cur and avail - cur >= self._rcv_sws:
+            return avail
+        return cur
+
+    def _window_field(self) -> tuple[int, int]:
+        """Encode the window for outgoing segments: (field, right edge it promises).
+
+        The field is scaled and at most 65535; the caller commits the edge to
+        ``_rcv_adv`` once a segment carrying it is really sent.
+        """
+        shift = self._rcv_shift
+        rcv_nxt = self.rcv_nxt
+        cur = self._rcv_adv - rcv_nxt
+        new = self._wanted_window()
+        field = new >> shift
+        if (field << shift) < cur:
+            # Rounding down would pull the edge left: round up instead (Linux does
+            # the same), overshooting the consumer's space by < 2**shift bytes.
+            field = (cur + (1 << shift) - 1) >> shift
+        if field > 0xFFFF:
+            field = 0xFFFF
+        return field, rcv_nxt + (field << shift)
+
+    # ------------------------------------------------------------------ timers
+
+    def handle_timer(self, now: float) -> None:
+        """Run whatever timers are due at ``now`` (early calls do nothing)."""
+        state = self._state
+        if state is _CLOSED:
+            return
+        if now >= self._last_rx + self.params.idle_timeout:
+            log.debug("idle timeout in %s", state.value)
+            self._abort_with(TimedOut())
+            return
+        if state is _TIME_WAIT:
+            if self._tw_deadline is not None and now >= self._tw_deadline:
+                self._enter_closed()
+            return
+        d = self._rtx_deadline
+        if d is not None and now >= d:
+            self._on_rto(now)
+            if self._state is _CLOSED:
+                return
+        d = self._persist_deadline
+        if d is not None and now >= d:
+            self._on_persist(now)
+
+    def _on_rto(self, now: float) -> None:
+        """Retransmission timeout (RFC 6298 §5.4-5.6, RFC 5681 §3.1)."""
+        p = self.params
+        self._rtt_seq = -1  # Karn: no sample from anything retransmitted
+        if self._state is _SYN_RECEIVED:
+            if self._synack_retries >= p.syn_ack_retries:
+                self._abort_with(TimedOut())
+                return
+            self._synack_retries += 1
+            self._synack_due = True
+            self._rto = min(self._rto * 2, p.rto_max)
+            self._rtx_deadline = now + self._rto
+            return
+        if self.snd_max <= self.snd_una:
+            self._rtx_deadline = None  # nothing outstanding any more
+            return
+        if self.snd_wl2 + self.snd_wnd <= self.snd_una:
+            # The window is closed: what is outstanding waits for it to open, and
+            # the persist timer (which tolerates a live app's zero window) probes.
+            self._rtx_deadline = None
+            self.snd_nxt = self.snd_una
+            return
+        if self._retries >= p.max_retransmits:
+            log.debug("retransmissions exhausted in %s", self._state.value)
+            self._abort_with(TimedOut())
+            return
+        smss = self._smss
+        if not self._retries:
+            # RFC 5681 §3.1 eq. (4), once per loss episode: a second timeout for the
+            # same data must not halve ssthresh again.
+            self._ssthresh = max((self.snd_nxt - self.snd_una) // 2, 2 * smss)
+        self._retries += 1
+        # The loss window; RFC 6582 §3.2 step 4 note: "recover" guards against
+        # fast-retransmitting on the duplicates the go-back-N resend provokes.
+        self._cwnd = smss
+        self._ca_acc = 0
+        self._recover = self.snd_max
+        self._in_recovery = False
+        self._dupacks = 0
+        self._rtx_now = False
+        self.snd_nxt = self.snd_una  # go-back-N: resend from the first hole
+        self._rto = min(self._rto * 2, p.rto_max)  # RFC 6298 §5.5
+        # Re-armed here, not when the retransmission is built, so the back-off and
+        # the give-up still happen if the engine is slow to call segments_to_send.
+        self._rtx_deadline = now + self._rto
+
+    def _on_persist(self, now: float) -> None:
+        """Persist timer: probe the zero window, backing off (RFC 1122 §4.2.2.17)."""
+        p = self.params
+        last_ack = self._last_ack_rx
+        if last_ack < self._probe_sent_at and now - last_ack >= p.persist_max:
+            # Our last probe went unanswered and the app has been silent for
+            # persist_max: it is gone. A window that stays closed while the app
+            # keeps ACKing is never a reason to give up.
+            self._abort_with(TimedOut())
+            return
+        self._probe_due = True
+        if self._persist_backoff < 30:
+            self._persist_backoff += 1
+        self._persist_deadline = now + self._persist_interval()
+
+    def _persist_interval(self) -> float:
+        p = self.params
+        base = self._rto if self._rto > p.rto_min else p.rto_min
+        return min(base * (1 << self._persist_backoff), p.rto_max)
+
+    def _update_persist(self, now: float) -> None:
+        """Arm the persist timer iff nothing is in flight and the window is closed."""
+        if (
+            self._state in _SEND_STATES
+            and self.snd_nxt == self.snd_una
+            and self.snd_nxt
+            < self._sndbuf_start + len(self._sndbuf) + (1 if self._fin_queued else 0)
+            and self.snd_wl2 + self.snd_wnd <= self.snd_nxt
+        ):
+            if self._persist_deadline is None:
+                self._persist_deadline = now + self._persist_interval()
+        else:
+            self._persist_deadline = None
+            self._persist_backoff = 0
+            self._probe_sent_at = -1.0
+
+    def _rtt_sample(self, r: float) -> None:
+        """Update SRTT/RTTVAR/RTO from one measurement (RFC 6298 §2.2-2.4)."""
+        if r < 0:
+            r = 0.0
+        if self._srtt is None:
+            self._srtt = r
+            self._rttvar = r / 2
+        else:
+            self._rttvar = 0.75 * self._rttvar + 0.25 * abs(self._srtt - r)
+            self._srtt = 0.875 * self._srtt + 0.125 * r
+        rto = self._srtt + max(_CLOCK_GRANULARITY, 4 * self._rttvar)
+        p = self.params
+        self._rto = p.rto_min if rto < p.rto_min else p.rto_max if rto > p.rto_max else rto
+
+    # ------------------------------------------------------------------ teardown
+
+    def _queue_abort_rst(self) -> None:
+        """Queue the RST that tells the app the connection is gone, if it can hear one."""
+        state = self._state
+        if state is _LISTEN:
+            self._ctl.append(Segment(0, (self.irs + 1) & SEQ_MASK, RST | ACK, 0, b""))
+        elif state is not _TIME_WAIT and state is not _CLOSED:
+            # RFC 9293 §3.10.5 <SEQ=SND.NXT><CTL=RST>, with the ACK Linux also sets.
+            # Should the app's RCV.NXT differ, it answers with a challenge ACK, which
+            # the engine (no connection any more) answers via reset_for() with the
+            # exact sequence number.
+            self._ctl.append(
+                Segment(
+                    self._ack_seq_wire(), (self.irs + self.rcv_nxt) & SEQ_MASK, RST | ACK, 0, b""
+                )
+            )
+
+    def _abort_with(self, event: TcpEvent) -> None:
+        self._queue_abort_rst()
+        self._events.append(event)
+        self._enter_closed()
+
+    def _enter_time_wait(self, now: float) -> None:
+        self._state = _TIME_WAIT
+        self._tw_deadline = now + self.params.time_wait
+        self._rtx_deadline = None
+        self._persist_deadline = None
+        self._sndbuf = bytearray()
+        self._ooo_clear()
+
+    def _enter_closed(self) -> None:
+        """Go CLOSED, free the buffers, and report Closed exactly once."""
+        self._state = _CLOSED
+        self._rtx_deadline = None
+        self._persist_deadline = None
+        self._tw_deadline = None
+        self._sndbuf = bytearray()
+        self._ooo_clear()
+        self._ooo_fin = -1
+        self._ack_due = False
+        self._dupacks_due = 0
+        self._synack_due = False
+        self._probe_due = False
+        self._rtx_now = False
+        if not self._closed_emitted:
+            self._closed_emitted = True
+            self._events.append(Closed())
+
+    def __repr__(self) -> str:
+        return (
+            f"<TcpConnection {self._state.value} una={self.snd_una} nxt={self.snd_nxt} "
+            f"rcv_nxt={self.rcv_nxt} queued={len(self._sndbuf)} ooo={self._ooo_bytes}>"
+        )

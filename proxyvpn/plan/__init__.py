@@ -1,0 +1,1 @@
+"""The plan: pure functions from configuration and host facts to operations."""

@@ -1,0 +1,168 @@
+"""The planner: configuration + host facts -> an ordered tuple of operations. Pure.
+
+Order matters and is chosen to fail closed: the nftables table (with the killswitch) comes
+first, so that nothing is ever captured or routed while traffic could still leak; the
+policy rules come last, so that no packet is sent to the table before the TUN, its
+addresses and its route exist. Undo runs in reverse: rules go first, the killswitch last.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from proxyvpn.config import Config
+from proxyvpn.errors import ConfigError
+from proxyvpn.plan import nft
+from proxyvpn.plan.facts import HostFacts
+from proxyvpn.plan.ops import (
+    AddRoute,
+    AddRule,
+    CreateTun,
+    LinkUp,
+    LoadNftTable,
+    Op,
+    SetAddress,
+    SetSysctl,
+)
+
+log = logging.getLogger("proxyvpn.plan")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What `up` will do, as data: applied by proxyvpn.system.apply, printed by --dry-run."""
+
+    ops: tuple[Op, ...]
+    """Operations in application order."""
+    dns_bypass: tuple[str, ...]
+    """Resolvers reachable directly (UDP and TCP port 53) even with the killswitch on."""
+    proxy_ips: tuple[str, ...]
+    """Proxy addresses, in the order the relay should try them."""
+    warnings: tuple[str, ...] = ()
+    """Advice for the user (printed, never fatal)."""
+
+
+def iface_sysctl(prefix: str, iface: str, leaf: str) -> str:
+    """The dotted key of a per-interface sysctl, e.g. net.ipv4.conf.tun0.rp_filter; a dot in
+    the interface name (eth0.100) is written "/", as sysctl(8) does."""
+    return f"{prefix}.{iface.replace('.', '/')}.{leaf}"
+
+
+def _norm_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        # resolv.conf may carry a zone index (fe80::1%eth0); nft sets hold plain addresses.
+        return ipaddress.ip_address(text.strip().split("%", 1)[0])
+    except ValueError:
+        return None
+
+
+def _unique(values: Iterable[str]) -> tuple[str, ...]:
+    seen: dict[str, None] = {}
+    for value in values:
+        addr = _norm_ip(value)
+        if addr is not None:
+            seen.setdefault(str(addr), None)
+    return tuple(seen)
+
+
+def dns_bypass_for(config: Config, facts: HostFacts) -> tuple[str, ...]:
+    """The resolvers to let through: --dns (or the host's resolvers) plus --allow-dns.
+
+    A loopback resolver (systemd-resolved's 127.0.0.53 stub, a local dnsmasq) needs no
+    bypass - lo is never captured or blocked - but its upstreams do, so a stub is replaced
+    by systemd-resolved's upstream servers when those are known.
+    """
+    base = config.dns or facts.resolvers
+    out: list[str] = []
+    for value in base:
+        addr = _norm_ip(value)
+        if addr is None:
+            continue
+        if addr.is_loopback:
+            out.extend(facts.systemd_upstreams)
+        else:
+            out.append(str(addr))
+    out.extend(config.allow_dns)
+    return tuple(a for a in _unique(out) if not ipaddress.ip_address(a).is_loopback)
+
+
+_SAFE_NAME = re.compile(r"[A-Za-z0-9_.@+=-]+")
+
+
+def _check_conflicts(config: Config, facts: HostFacts) -> None:
+    if not _SAFE_NAME.fullmatch(config.tun_name):
+        # The name ends up quoted in nft rules and shell commands; keep it plain.
+        raise ConfigError(f"TUN name {config.tun_name!r} may only contain letters, digits "
+                          "and _ . @ + = -")
+    if config.tun_name in facts.links:
+        raise ConfigError(
+            f"TUN name {config.tun_name!r} is already in use; pick another with --tun-name")
+    if config.table in facts.tables_in_use:
+        raise ConfigError(
+            f"--table {config.table} already holds routes; pick a free table with --table")
+    if config.rule_priority in facts.rule_priorities_in_use:
+        raise ConfigError(
+            f"--rule-priority {config.rule_priority} is already used by an ip rule; "
+            "pick another with --rule-priority")
+
+
+def build_plan(config: Config, facts: HostFacts) -> Plan:
+    """Turn configuration and facts into a Plan. Raises ConfigError for conflicts with the
+    host (TUN name, routing table or rule priority already taken)."""
+    _check_conflicts(config, facts)
+    warnings: list[str] = []
+    ipv6 = config.ipv6 and facts.ipv6_enabled
+    if config.ipv6 and not facts.ipv6_enabled:
+        warnings.append("IPv6 is disabled on this host: only IPv4 TCP is captured")
+
+    proxy_ips = _unique(facts.proxy_ips)
+    if not facts.ipv6_enabled:
+        # An IPv6 proxy address is unreachable without IPv6; the relay must not try it.
+        proxy_ips = tuple(a for a in proxy_ips if ipaddress.ip_address(a).version == 4)
+    if config.proxy is None:
+        warnings.append("no proxy given: this plan has no proxy address (dry run only)")
+    elif not proxy_ips:
+        raise ConfigError(f"proxy host {config.proxy.host!r} has no usable address "
+                          "(IPv6 is disabled); pass --proxy-ip")
+
+    dns = dns_bypass_for(config, facts)
+    if config.killswitch and not dns:
+        warnings.append("killswitch on and no resolver reachable: DNS will fail; "
+                        "pass --allow-dns")
+
+    ruleset = nft.build_ruleset(config, proxy_ips, dns, ipv6=ipv6)
+    text = nft.render_text(config, proxy_ips, dns, ipv6=ipv6)
+    tun = config.tun_name
+    ops: list[Op] = [
+        LoadNftTable(nft.FAMILY, nft.TABLE, tuple(ruleset), text),
+        CreateTun(tun, config.mtu),
+    ]
+    if ipv6 and facts.sysctls.get("net.ipv6.conf.default.disable_ipv6") == "1":
+        # A new interface inherits default.disable_ipv6; with it set the kernel refuses the
+        # TUN's IPv6 address and route. Only then do we touch it, and only on our TUN.
+        ops.append(SetSysctl(iface_sysctl("net.ipv6.conf", tun, "disable_ipv6"), "0", "1"))
+    ops.append(SetAddress(tun, config.tun_cidr))
+    if ipv6:
+        ops.append(SetAddress(tun, config.tun_cidr6))
+    ops.append(LinkUp(tun))
+    # Replies we write to the TUN are addressed to the app's address on another interface
+    # and come from the remote server, whose route points out of eth0: strict reverse-path
+    # filtering (rp_filter=1) would drop them. The kernel uses max(all, iface), so loose
+    # mode (2) on our own interface is enough whatever `all` says, and nothing global
+    # changes. The TUN is new, so its "previous" value is what it inherits from default.
+    key = iface_sysctl("net.ipv4.conf", tun, "rp_filter")
+    previous = facts.sysctls.get(key, facts.sysctls.get("net.ipv4.conf.default.rp_filter"))
+    ops.append(SetSysctl(key, "2", previous))
+    families = (4, 6) if ipv6 else (4,)
+    for family in families:
+        ops.append(AddRoute(family, config.table, tun))
+    for family in families:
+        ops.append(AddRule(family, config.capture_mark, config.table, config.rule_priority))
+
+    plan = Plan(tuple(ops), dns, proxy_ips, tuple(warnings))
+    log.debug("plan: %d operations, dns bypass %s, proxy %s", len(plan.ops), dns, proxy_ips)
+    return plan

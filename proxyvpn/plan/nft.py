@@ -1,0 +1,341 @@
+"""The nftables ruleset: table inet proxyvpn, as libnftables JSON and as nft text.
+
+Both forms come from one model (sets and chains made of statements that know their JSON
+and their text), so the dry run shows exactly what `up` loads. The JSON is one batch:
+libnftables commits it as a single transaction, so the table appears whole or not at all.
+
+Chains (locally generated packets only):
+
+* capture (output hook, type route, priority mangle): marks the TCP packets to capture
+  with the capture mark; being a route chain, the kernel routes the packet again after a
+  mark change, so the `fwmark` rule sends it to our table and the TUN.
+* killswitch (output hook, type filter, only with --killswitch): everything not captured
+  may only reach the proxy, the allowed resolvers and the excluded networks. Caveat: the
+  output hook's `oifname` is fixed before the hook runs, so it still names the ORIGINAL
+  device of a re-routed packet; captured packets are therefore accepted by their mark
+  here, and
+* killswitch_post (postrouting hook, type filter, only with --killswitch), where oifname
+  is the device the packet really leaves by, drops captured packets that did not end up
+  in the TUN - after a crash the TUN and its route are gone while the mark and the rule
+  remain, and without this chain they would leave directly. (reject is not allowed in
+  postrouting, hence drop.)
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from proxyvpn.config import Config
+
+FAMILY = "inet"
+TABLE = "proxyvpn"
+
+# Destinations that never leave the host or must not be sent to a proxy: loopback,
+# link-local, multicast, broadcast. The TUN's own network is added per config.
+_LOCAL4 = ("127.0.0.0/8", "169.254.0.0/16", "224.0.0.0/4", "255.255.255.255/32")
+_LOCAL6 = ("::1/128", "fe80::/10", "ff00::/8")
+
+# Neighbour discovery must pass the killswitch or IPv6 on the LAN (and so the route to
+# the proxy) breaks; router solicitations keep SLAAC working.
+_ND_TYPES = ("nd-router-solicit", "nd-neighbor-solicit", "nd-neighbor-advert")
+
+
+@dataclass(frozen=True)
+class Stmt:
+    """One nftables statement in both syntaxes."""
+
+    json: dict[str, Any]
+    """The libnftables JSON statement object."""
+    text: str
+    """The same statement in nft syntax."""
+
+
+@dataclass(frozen=True)
+class NftSet:
+    """A named set of addresses."""
+
+    name: str
+    """Set name, referenced as @name."""
+    type: str
+    """"ipv4_addr" or "ipv6_addr"."""
+    interval: bool
+    """Holds prefixes (flags interval) rather than single addresses."""
+    elements: tuple[str, ...]
+    """Addresses or prefixes (normalised, sorted, non-overlapping)."""
+
+
+@dataclass(frozen=True)
+class NftChain:
+    """A base chain and its rules."""
+
+    name: str
+    """Chain name."""
+    hook: str
+    """Netfilter hook: "output" or "postrouting"."""
+    type: str
+    """Chain type: "route" or "filter"."""
+    prio: int
+    """Numeric priority (what the JSON carries)."""
+    prio_name: str
+    """Symbolic priority (what the text shows): "mangle" or "filter"."""
+    rules: tuple[tuple[Stmt, ...], ...]
+    """Rules in order; each a tuple of statements."""
+
+
+# ---------------------------------------------------------------- statement builders
+
+
+def _meta(key: str) -> tuple[dict[str, Any], str]:
+    # nft's own syntax writes the oifname key without the "meta" keyword.
+    return {"meta": {"key": key}}, ("oifname" if key == "oifname" else f"meta {key}")
+
+
+def _payload(protocol: str, fld: str) -> tuple[dict[str, Any], str]:
+    return {"payload": {"protocol": protocol, "field": fld}}, f"{protocol} {fld}"
+
+
+def _match(left: tuple[dict[str, Any], str], right_json: Any, right_text: str,
+           op: str = "==") -> Stmt:
+    text_op = "" if op == "==" else f"{op} "
+    return Stmt({"match": {"op": op, "left": left[0], "right": right_json}},
+                f"{left[1]} {text_op}{right_text}")
+
+
+def _element(value: str) -> tuple[Any, str]:
+    """A set element: a single address as a string, a prefix as {"prefix": ...}."""
+    net = ipaddress.ip_network(value, strict=False)
+    if net.prefixlen == net.max_prefixlen:
+        return str(net.network_address), str(net.network_address)
+    return ({"prefix": {"addr": str(net.network_address), "len": net.prefixlen}},
+            str(net))
+
+
+def _anon_set(values: Iterable[str]) -> tuple[Any, str]:
+    elems = [_element(v) for v in values]
+    return {"set": [e[0] for e in elems]}, "{ " + ", ".join(e[1] for e in elems) + " }"
+
+
+def _daddr(family: int) -> tuple[dict[str, Any], str]:
+    return _payload("ip" if family == 4 else "ip6", "daddr")
+
+
+def _in_set(family: int, name: str) -> Stmt:
+    return _match(_daddr(family), f"@{name}", f"@{name}")
+
+
+def _in_literal(family: int, values: Iterable[str]) -> Stmt:
+    right_json, right_text = _anon_set(values)
+    return _match(_daddr(family), right_json, right_text)
+
+
+def _oifname(name: str) -> Stmt:
+    return _match(_meta("oifname"), name, f'"{name}"')
+
+
+def _mark(mark: int) -> Stmt:
+    return _match(_meta("mark"), mark, f"{mark:#x}")
+
+
+def _set_mark(mark: int) -> Stmt:
+    return Stmt({"mangle": {"key": {"meta": {"key": "mark"}}, "value": mark}},
+                f"meta mark set {mark:#x}")
+
+
+def _port(protocol: str, fld: str, port: int) -> Stmt:
+    return _match(_payload(protocol, fld), port, str(port))
+
+
+_RETURN = Stmt({"return": None}, "return")
+_ACCEPT = Stmt({"accept": None}, "accept")
+_COUNTER = Stmt({"counter": None}, "counter")
+
+
+# ---------------------------------------------------------------- the model
+
+
+def _split(addresses: Iterable[str]) -> tuple[list[str], list[str]]:
+    v4, v6 = [], []
+    for text in addresses:
+        addr = ipaddress.ip_address(text.split("%", 1)[0])
+        (v4 if addr.version == 4 else v6).append(str(addr))
+    return v4, v6
+
+
+def _sorted_unique(values: Iterable[str]) -> tuple[str, ...]:
+    return tuple(sorted(set(values), key=lambda v: ipaddress.ip_address(v).packed))
+
+
+def _collapse(cidrs: Iterable[str], version: int) -> tuple[str, ...]:
+    # An interval set refuses overlapping elements, so merge them first.
+    nets = [ipaddress.ip_network(c, strict=False) for c in cidrs]
+    nets = [n for n in nets if n.version == version]
+    return tuple(str(n) for n in ipaddress.collapse_addresses(nets))  # type: ignore[arg-type]
+
+
+def build_model(config: Config, proxy_ips: Sequence[str], dns_bypass: Sequence[str], *,
+                ipv6: bool | None = None) -> tuple[tuple[NftSet, ...], tuple[NftChain, ...]]:
+    """The sets and chains of table inet proxyvpn for this configuration.
+
+    `ipv6`: capture IPv6 TCP (default: config.ipv6). Without it IPv6 is never marked and,
+    with the killswitch, blocked like any other leak.
+    """
+    capture_v6 = config.ipv6 if ipv6 is None else ipv6
+    proxy4, proxy6 = _split(proxy_ips)
+    dns4, dns6 = _split(dns_bypass)
+    sets = (
+        NftSet("proxy4", "ipv4_addr", False, _sorted_unique(proxy4)),
+        NftSet("proxy6", "ipv6_addr", False, _sorted_unique(proxy6)),
+        NftSet("dns4", "ipv4_addr", False, _sorted_unique(dns4)),
+        NftSet("dns6", "ipv6_addr", False, _sorted_unique(dns6)),
+        NftSet("exclude4", "ipv4_addr", True, _collapse(config.excludes, 4)),
+        NftSet("exclude6", "ipv6_addr", True, _collapse(config.excludes, 6)),
+    )
+    tun = config.tun_name
+    tun_net4 = str(ipaddress.ip_interface(config.tun_cidr).network)
+    tun_net6 = str(ipaddress.ip_interface(config.tun_cidr6).network)
+    families = (4, 6) if capture_v6 else (4,)
+
+    capture: list[tuple[Stmt, ...]] = [
+        # Only TCP can be relayed through CONNECT; everything else keeps its route.
+        (_match(_meta("l4proto"), "tcp", "tcp", "!="), _RETURN),
+    ]
+    if not capture_v6:
+        capture.append((_match(_meta("nfproto"), "ipv6", "ipv6"), _RETURN))
+    capture += [
+        # Replies of connections other hosts opened to us (a local sshd) must leave the way
+        # the request came in; only connections this host originates are captured.
+        (_match(({"ct": {"key": "direction"}}, "ct direction"), "reply", "reply"), _RETURN),
+        # Our own relay sockets carry the bypass mark (SO_MARK) and must never loop back.
+        (_mark(config.bypass_mark), _RETURN),
+        (_oifname("lo"), _RETURN),
+        (_oifname(tun), _RETURN),
+        (_in_literal(4, (*_LOCAL4, tun_net4)), _RETURN),
+    ]
+    if capture_v6:
+        capture.append((_in_literal(6, (*_LOCAL6, tun_net6)), _RETURN))
+    for family in families:
+        capture.append((_in_set(family, f"proxy{family}"), _RETURN))
+    for family in families:
+        capture.append((_in_set(family, f"exclude{family}"), _RETURN))
+    for family in families:
+        # DNS over TCP to an allowed resolver goes direct, like DNS over UDP does.
+        capture.append((_port("tcp", "dport", 53), _in_set(family, f"dns{family}"), _RETURN))
+    capture.append((_set_mark(config.capture_mark),))
+
+    chains = [NftChain("capture", "output", "route", -150, "mangle", tuple(capture))]
+    if config.killswitch:
+        chains.append(NftChain("killswitch", "output", "filter", 0, "filter",
+                               tuple(_killswitch_rules(config))))
+        chains.append(NftChain("killswitch_post", "postrouting", "filter", 0, "filter", (
+            (_mark(config.capture_mark), _match(_meta("oifname"), config.tun_name,
+                                                f'"{config.tun_name}"', "!="),
+             _COUNTER, Stmt({"drop": None}, "drop")),
+        )))
+    return sets, tuple(chains)
+
+
+def _killswitch_rules(config: Config) -> list[tuple[Stmt, ...]]:
+    rules: list[tuple[Stmt, ...]] = [
+        (_oifname("lo"), _ACCEPT),
+        # Captured: re-routed to the TUN by the capture chain, though oifname here still
+        # shows the original device; killswitch_post makes sure they reach the TUN.
+        (_mark(config.capture_mark), _ACCEPT),
+        (_oifname(config.tun_name), _ACCEPT),
+    ]
+    if config.proxy is not None:
+        # Both our relay sockets and apps configured to use the proxy only reach the proxy
+        # port; nothing else at the proxy's address is allowed.
+        for family in (4, 6):
+            rules.append((_in_set(family, f"proxy{family}"),
+                          _port("tcp", "dport", config.proxy.port), _ACCEPT))
+    for family in (4, 6):
+        rules.append((
+            _match(_meta("l4proto"), {"set": ["tcp", "udp"]}, "{ tcp, udp }"),
+            _port("th", "dport", 53),
+            _in_set(family, f"dns{family}"),
+            _ACCEPT,
+        ))
+    for family in (4, 6):
+        rules.append((_in_set(family, f"exclude{family}"), _ACCEPT))
+    rules += [
+        # DHCP must keep working or the lease (and the route to the proxy) expires.
+        (_match(_meta("nfproto"), "ipv4", "ipv4"), _port("udp", "sport", 68),
+         _port("udp", "dport", 67), _ACCEPT),
+        (_match(_meta("nfproto"), "ipv6", "ipv6"), _port("udp", "dport", 547), _ACCEPT),
+        (_match(_payload("icmpv6", "type"), {"set": list(_ND_TYPES)},
+                "{ " + ", ".join(_ND_TYPES) + " }"), _ACCEPT),
+        # A TCP reset makes blocked connections fail at once instead of timing out.
+        (_match(_meta("l4proto"), "tcp", "tcp"), _COUNTER,
+         Stmt({"reject": {"type": "tcp reset"}}, "reject with tcp reset")),
+        (_COUNTER, Stmt({"reject": {"type": "icmpx", "expr": "admin-prohibited"}},
+                        "reject with icmpx admin-prohibited")),
+    ]
+    return rules
+
+
+# ---------------------------------------------------------------- the two syntaxes
+
+
+def _ids() -> dict[str, str]:
+    return {"family": FAMILY, "table": TABLE}
+
+
+def build_ruleset(config: Config, proxy_ips: Sequence[str], dns_bypass: Sequence[str], *,
+                  ipv6: bool | None = None) -> list[dict[str, Any]]:
+    """libnftables JSON commands (the list inside {"nftables": [...]}), one atomic batch.
+
+    The table is created with "create", which fails if a table of that name exists: we
+    never merge our rules into a table somebody (or a crashed proxyvpn) left behind.
+    """
+    sets, chains = build_model(config, proxy_ips, dns_bypass, ipv6=ipv6)
+    cmds: list[dict[str, Any]] = [
+        {"metainfo": {"json_schema_version": 1}},
+        {"create": {"table": {"family": FAMILY, "name": TABLE}}},
+    ]
+    for s in sets:
+        decl: dict[str, Any] = {**_ids(), "name": s.name, "type": s.type}
+        if s.interval:
+            decl["flags"] = ["interval"]
+        cmds.append({"add": {"set": decl}})
+        if s.elements:
+            # Empty sets load fine; an "add element" with no elements would not.
+            cmds.append({"add": {"element": {**_ids(), "name": s.name,
+                                             "elem": [_element(e)[0] for e in s.elements]}}})
+    for c in chains:
+        cmds.append({"add": {"chain": {**_ids(), "name": c.name, "type": c.type,
+                                       "hook": c.hook, "prio": c.prio, "policy": "accept"}}})
+        for rule in c.rules:
+            cmds.append({"add": {"rule": {**_ids(), "chain": c.name,
+                                          "expr": [s.json for s in rule]}}})
+    return cmds
+
+
+def render_text(config: Config, proxy_ips: Sequence[str], dns_bypass: Sequence[str], *,
+                ipv6: bool | None = None) -> str:
+    """The same ruleset in nft syntax (`nft -f` accepts it; the dry run prints it)."""
+    sets, chains = build_model(config, proxy_ips, dns_bypass, ipv6=ipv6)
+    lines = [f"create table {FAMILY} {TABLE}", f"table {FAMILY} {TABLE} {{"]
+    for s in sets:
+        lines.append(f"\tset {s.name} {{")
+        lines.append(f"\t\ttype {s.type}")
+        if s.interval:
+            lines.append("\t\tflags interval")
+        if s.elements:
+            lines.append("\t\telements = { " + ", ".join(_element(e)[1] for e in s.elements) + " }")
+        lines.append("\t}")
+    for c in chains:
+        lines.append(f"\tchain {c.name} {{")
+        lines.append(f"\t\ttype {c.type} hook {c.hook} priority {c.prio_name}; policy accept;")
+        for rule in c.rules:
+            lines.append("\t\t" + " ".join(s.text for s in rule))
+        lines.append("\t}")
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def chain_names(config: Config) -> tuple[str, ...]:
+    """Names of the chains the ruleset creates (what `verify` checks after loading)."""
+    return ("capture", "killswitch", "killswitch_post") if config.killswitch else ("capture",)

@@ -1,0 +1,523 @@
+"""Dialing the upstream proxy and running one CONNECT tunnel (asyncio shell).
+
+:func:`open_tunnel` connects to the proxy -- trying its already-resolved
+addresses in order on a socket that carries the bypass ``SO_MARK`` so policy
+routing does not capture it again -- optionally wraps it in TLS, sends the
+CONNECT request (RFC 9110 §9.3.6) and waits for a 2xx. The handshake logic
+itself lives in the sans-IO :mod:`proxyvpn.relay.connect`; this module only
+moves bytes.
+
+After the handshake the :class:`TunnelProtocol` is a plain byte pipe: bytes from
+the proxy go to a :class:`TunnelSink` (the flow's TCP state machine towards the
+app), bytes from the app go out through :meth:`TunnelProtocol.write`. Back-pressure
+is explicit: the sink pauses/resumes reading, and the protocol reports when its
+write buffer is above the high-water mark.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import os
+import socket
+import ssl
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from proxyvpn.errors import (
+    PrivilegeError,
+    ProxyError,
+    ProxyProtocolError,
+    ProxyUnreachableError,
+    ProxyVpnError,
+)
+from proxyvpn.relay.connect import (
+    ConnectResponse,
+    ConnectResponseParser,
+    build_connect_request,
+    format_authority,
+)
+
+__all__ = ["ProxyEndpoint", "TunnelProtocol", "TunnelSink", "open_tunnel"]
+
+log = logging.getLogger("proxyvpn.relay")
+
+#: Write-buffer high-water mark: above it the proxy socket is "full" and the
+#: flow should stop accepting data from the app (shrink its receive window).
+WRITE_HIGH_WATER = 1024 * 1024
+#: Low-water mark: below it writing resumes (``TunnelSink.tunnel_writable``).
+WRITE_LOW_WATER = 256 * 1024
+#: Bytes received before a sink is attached that we buffer before pausing the
+#: socket; nothing may grow without bound (DESIGN.md, path step 3).
+PENDING_LIMIT = WRITE_HIGH_WATER
+
+# Linux value of SO_MARK (asm-generic/socket.h); socket.SO_MARK exists on
+# Linux builds of CPython but is looked up defensively.
+_SO_MARK: int = getattr(socket, "SO_MARK", 36)
+
+
+@dataclass(frozen=True, repr=False)
+class ProxyEndpoint:
+    """Where the upstream proxy is and how to talk to it."""
+
+    scheme: Literal["http", "https"]
+    """``http``: plain TCP to the proxy; ``https``: TLS to the proxy, then CONNECT inside."""
+    host: str
+    """The proxy's name as configured: used for TLS SNI / certificate check and display."""
+    port: int
+    """The proxy's TCP port."""
+    addresses: tuple[str, ...]
+    """IP addresses to try, in order; resolved by the caller (no DNS here)."""
+    credentials: tuple[str, str] | None = None
+    """(user, password) for Basic proxy authentication (RFC 7617), or None."""
+
+    def __post_init__(self) -> None:
+        """Validate fields so a bad endpoint fails at construction, not mid-dial."""
+        if self.scheme not in ("http", "https"):
+            raise ValueError(f"proxy scheme must be 'http' or 'https', got {self.scheme!r}")
+        if isinstance(self.port, bool) or not 1 <= self.port <= 65535:
+            raise ValueError(f"proxy port must be in 1..65535, got {self.port!r}")
+        for address in self.addresses:
+            ipaddress.ip_address(address)  # raises ValueError for a name or garbage
+
+    def __repr__(self) -> str:
+        """Like the dataclass repr, but the password is replaced by ``***``."""
+        creds = None if self.credentials is None else (self.credentials[0], "***")
+        return (
+            f"ProxyEndpoint(scheme={self.scheme!r}, host={self.host!r}, port={self.port!r}, "
+            f"addresses={self.addresses!r}, credentials={creds!r})"
+        )
+
+    __str__ = __repr__
+
+
+class TunnelSink(Protocol):
+    """Receives what happens on the proxy side of an established tunnel.
+
+    Implemented by the flow that owns the tunnel (the TCP state machine towards
+    the app). All methods are called from the event loop and must not block.
+    """
+
+    def tunnel_data(self, data: bytes) -> None:
+        """Bytes from the destination, in order."""
+
+    def tunnel_eof(self) -> None:
+        """The proxy half-closed: no more data will come (we may still write)."""
+
+    def tunnel_lost(self, exc: Exception | None) -> None:
+        """The connection is gone; ``exc`` is None for an orderly close."""
+
+    def tunnel_writable(self) -> None:
+        """The write buffer drained below the low-water mark; writing may resume."""
+
+
+class TunnelProtocol(asyncio.Protocol):
+    """One CONNECT tunnel: the handshake, then a byte pipe to a :class:`TunnelSink`.
+
+    Life cycle: ``connection_made`` sends the CONNECT request; responses are
+    parsed by :class:`ConnectResponseParser`; on a 2xx :attr:`established`
+    resolves to the :class:`ConnectResponse` and the protocol enters relay mode,
+    on anything else it fails with :class:`ProxyError` / :class:`ProxyProtocolError`
+    and the transport is closed. In relay mode, data (starting with the bytes
+    that followed the header block) goes to the sink given to :meth:`attach`;
+    whatever arrives before ``attach`` is buffered and flushed, in order, by it.
+
+    Must be constructed inside a running event loop (it creates a future).
+    """
+
+    def __init__(self, dst_host: str, dst_port: int, credentials: tuple[str, str] | None) -> None:
+        """Prepare a tunnel to ``dst_host:dst_port``; raises ValueError for a bad target."""
+        # Built now so a bad host fails before any socket exists.
+        self._request = build_connect_request(dst_host, dst_port, credentials)
+        self.target = format_authority(dst_host, dst_port)
+        """The CONNECT target, ``host:port`` (IPv6 in brackets)."""
+        self.established: asyncio.Future[ConnectResponse] = (
+            asyncio.get_running_loop().create_future()
+        )
+        """Resolves to the 2xx response; fails with ProxyError / ProxyProtocolError."""
+        self.response: ConnectResponse | None = None
+        """The proxy's final response, once received (2xx or not)."""
+        self.writing_paused = False
+        """True while the transport's write buffer is above the high-water mark."""
+        self.transport: asyncio.Transport | None = None
+        self._parser: ConnectResponseParser | None = ConnectResponseParser()
+        self._sink: TunnelSink | None = None
+        self._pending: list[bytes] = []
+        self._pending_size = 0
+        self._pending_eof = False
+        self._pending_lost: tuple[Exception | None] | None = None
+        self._user_paused = False  # pause_reading() by the owner
+        self._pending_paused = False  # paused because nothing is attached yet
+        self._eof_written = False
+        self._eof_received = False
+        self._tls = False
+        self._closed = False
+        self._relaying = False  # a 2xx arrived: bytes now belong to the flow
+
+    # ------------------------------------------------------------ asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """Send the CONNECT request as soon as the (TLS) connection exists."""
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self._tls = transport.get_extra_info("sslcontext") is not None
+        # Our own marks instead of asyncio's 64 KiB default: a flow relays bulk
+        # data and a deeper buffer keeps the pipe full while the app side reacts.
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_LOW_WATER)
+        log.debug("CONNECT %s via %s", self.target, transport.get_extra_info("peername"))
+        # Never log the request: it may carry Proxy-Authorization. Drop our
+        # copy once sent so the credentials do not outlive the handshake here.
+        transport.write(self._request)
+        self._request = b""
+
+    def data_received(self, data: bytes) -> None:
+        """Feed the handshake parser, or pass tunnel bytes to the sink."""
+        if self._parser is not None:
+            self._handshake_data(data)
+        elif self._relaying:
+            self._deliver(data)
+        # else: the handshake failed; whatever follows (an error page body) is
+        # not tunnel data and the transport is already closing.
+
+    def eof_received(self) -> bool:
+        """The proxy half-closed its side.
+
+        During the handshake this is a protocol error. In relay mode it is the
+        destination's FIN: tell the sink and keep the transport open (return
+        True) so the other direction can still flow -- a half-closed TCP
+        connection is legitimate (RFC 9293 §3.6). If our FIN went out already,
+        both directions are done and the transport may close (return False).
+        TLS has no half-close: the SSL transport ignores the return value and
+        warns when it is True, so return False there too.
+        """
+        if self._parser is not None:
+            self._fail(ProxyProtocolError("proxy closed the connection before answering CONNECT"))
+            return False
+        if not self._relaying:
+            return False
+        self._eof_received = True
+        if self._sink is not None:
+            self._sink.tunnel_eof()
+        else:
+            self._pending_eof = True
+        # Both directions finished: nothing can flow any more, let it close.
+        return not self._tls and not self._eof_written
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """The connection is gone: fail the handshake or tell the sink."""
+        self._closed = True
+        if self._parser is not None:
+            detail = f": {exc}" if exc is not None else ""
+            self._fail(
+                ProxyProtocolError(f"proxy closed the connection before answering CONNECT{detail}")
+            )
+            return
+        if not self._relaying:
+            return
+        if self._sink is not None:
+            self._sink.tunnel_lost(exc)
+        else:
+            self._pending_lost = (exc,)
+
+    def pause_writing(self) -> None:
+        """Write buffer above the high-water mark: the owner should stop writing."""
+        self.writing_paused = True
+
+    def resume_writing(self) -> None:
+        """Write buffer drained to the low-water mark: tell the sink it may write."""
+        self.writing_paused = False
+        if self._sink is not None:
+            self._sink.tunnel_writable()
+
+    # ------------------------------------------------------------ handshake
+
+    def _handshake_data(self, data: bytes) -> None:
+        """Parse response bytes; settle :attr:`established` when complete."""
+        assert self._parser is not None
+        try:
+            response = self._parser.feed(data)
+        except ProxyProtocolError as exc:
+            self._fail(exc)
+            return
+        if response is None:
+            return
+        self._parser = None
+        self.response = response
+        if not response.ok:
+            log.info(
+                "proxy refused CONNECT %s: %d %s", self.target, response.status, response.reason
+            )
+            self._fail(ProxyError(response.status, response.reason, self.target))
+            return
+        log.debug("tunnel to %s established (%d %s)", self.target, response.status, response.reason)
+        self._relaying = True
+        if not self.established.done():
+            self.established.set_result(response)
+        if response.leftover:
+            # Bytes that shared a read with the header block are the first
+            # bytes of the tunnelled flow (RFC 9110 §9.3.6): keep them first.
+            self._deliver(response.leftover)
+
+    def _fail(self, exc: ProxyVpnError) -> None:
+        """Fail the handshake and drop the connection to the proxy."""
+        self._parser = None
+        if not self.established.done():
+            self.established.set_exception(exc)
+        # Nobody may await the future (e.g. open_tunnel already timed out);
+        # mark the exception retrieved so asyncio does not log it as lost.
+        if self.established.done() and not self.established.cancelled():
+            self.established.exception()
+        if self.transport is not None and not self._closed:
+            self.transport.close()
+
+    # ------------------------------------------------------------ relay mode
+
+    def _deliver(self, data: bytes) -> None:
+        """Give tunnel bytes to the sink, or buffer them until one is attached."""
+        if self._sink is not None:
+            self._sink.tunnel_data(data)
+            return
+        self._pending.append(data)
+        self._pending_size += len(data)
+        if self._pending_size >= PENDING_LIMIT and not self._pending_paused:
+            self._pending_paused = True
+            self._apply_reading()
+
+    def attach(self, sink: TunnelSink) -> None:
+        """Start delivering tunnel events to ``sink``, first flushing any buffered ones."""
+        if self._sink is not None:
+            raise RuntimeError("TunnelProtocol.attach() called twice")
+        self._sink = sink
+        pending, self._pending, self._pending_size = self._pending, [], 0
+        for chunk in pending:
+            sink.tunnel_data(chunk)
+        if self._pending_eof:
+            self._pending_eof = False
+            sink.tunnel_eof()
+        if self._pending_lost is not None:
+            (exc,) = self._pending_lost
+            self._pending_lost = None
+            sink.tunnel_lost(exc)
+        if self._pending_paused:
+            self._pending_paused = False
+            self._apply_reading()
+
+    def _apply_reading(self) -> None:
+        """Pause or resume the transport according to both pause reasons."""
+        if self.transport is None or self._closed or self.transport.is_closing():
+            return
+        if self._user_paused or self._pending_paused:
+            self.transport.pause_reading()
+        else:
+            self.transport.resume_reading()
+
+    def write(self, data: bytes) -> None:
+        """Send tunnel bytes towards the destination.
+
+        Raises RuntimeError before the tunnel is established (bytes sent then
+        would be read by the proxy as a new request) or after :meth:`write_eof`.
+        Silently drops data once the connection is closing: ``tunnel_lost``
+        reports that.
+        """
+        if not self._relaying:
+            raise RuntimeError(f"tunnel to {self.target} is not established")
+        if self._eof_written:
+            raise RuntimeError("write() after write_eof()")
+        if self.transport is None or self._closed or self.transport.is_closing():
+            return
+        self.transport.write(data)
+
+    def write_eof(self) -> None:
+        """Half-close towards the destination after the buffered data.
+
+        Plain TCP sends a FIN. TLS cannot half-close (close_notify ends the
+        whole session), so there it is only remembered (:attr:`eof_written`)
+        and the owner closes when the other direction ends too. If the proxy
+        already half-closed, both directions are finished and the transport is
+        closed (after flushing).
+        """
+        if self._eof_written:
+            return
+        self._eof_written = True
+        if self.transport is None or self._closed or self.transport.is_closing():
+            return
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        if self._eof_received:
+            # The proxy already finished its direction: the tunnel is done.
+            self.transport.close()
+
+    @property
+    def eof_written(self) -> bool:
+        """True once :meth:`write_eof` was called (even if TLS could not send it)."""
+        return self._eof_written
+
+    def close(self) -> None:
+        """Close after flushing the write buffer."""
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self) -> None:
+        """Close immediately, discarding buffered data (the app side was reset)."""
+        if self.transport is not None:
+            self.transport.abort()
+
+    def pause_reading(self) -> None:
+        """Stop reading from the proxy: the app side cannot take more for now."""
+        self._user_paused = True
+        self._apply_reading()
+
+    def resume_reading(self) -> None:
+        """Resume reading from the proxy."""
+        self._user_paused = False
+        self._apply_reading()
+
+    def write_buffer_size(self) -> int:
+        """Bytes queued towards the proxy and not yet accepted by the kernel."""
+        if self.transport is None or self._closed:
+            return 0
+        return self.transport.get_write_buffer_size()
+
+
+# --------------------------------------------------------------------------- dialing
+
+
+def _set_mark(sock: socket.socket, mark: int) -> None:
+    """Put the bypass fwmark on ``sock`` so policy routing lets it out directly."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, _SO_MARK, mark)
+    except PermissionError:
+        raise PrivilegeError("setting SO_MARK needs CAP_NET_ADMIN") from None
+
+
+async def _connect_first(
+    endpoint: ProxyEndpoint, mark: int | None, deadline: float, timeout: float
+) -> socket.socket:
+    """TCP-connect to the first endpoint address that accepts, before ``deadline``."""
+    loop = asyncio.get_running_loop()
+    if not endpoint.addresses:
+        raise ProxyUnreachableError((), "no proxy address to try")
+    cause = "no address tried"
+    for address in endpoint.addresses:
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            cause = f"timed out after {timeout:g}s connecting"
+            break
+        ip = ipaddress.ip_address(address)
+        family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+        try:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+        except OSError as exc:  # e.g. IPv6 disabled: EAFNOSUPPORT
+            cause = f"{address}: {os.strerror(exc.errno) if exc.errno else exc}"
+            continue
+        try:
+            sock.setblocking(False)
+            if mark is not None:
+                _set_mark(sock, mark)
+            # CONNECT request and small interactive writes must not wait for Nagle.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            async with asyncio.timeout(remaining):
+                await loop.sock_connect(sock, (address, endpoint.port))
+        except PrivilegeError:
+            sock.close()
+            raise
+        except TimeoutError:
+            sock.close()
+            cause = f"timed out after {timeout:g}s connecting to {address} port {endpoint.port}"
+            log.debug("proxy %s", cause)
+            break  # the whole budget went to this address; none is left
+        except OSError as exc:
+            sock.close()
+            # asyncio's own message ("Connect call failed ...") hides the errno
+            # text users recognise, e.g. "Connection refused".
+            reason = os.strerror(exc.errno) if exc.errno else str(exc) or type(exc).__name__
+            cause = f"{address} port {endpoint.port}: {reason}"
+            log.debug("proxy %s", cause)
+            continue
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+    raise ProxyUnreachableError(endpoint.addresses, cause)
+
+
+async def open_tunnel(
+    endpoint: ProxyEndpoint,
+    dst_host: str,
+    dst_port: int,
+    *,
+    mark: int | None,
+    timeout: float,
+    protocol: TunnelProtocol,
+    ssl_context: ssl.SSLContext | None = None,
+) -> None:
+    """Open a CONNECT tunnel to ``dst_host:dst_port`` through ``endpoint``.
+
+    Tries ``endpoint.addresses`` in order; each socket gets ``SO_MARK = mark``
+    (unless None) and TCP_NODELAY. The first address to accept is used; the
+    rest of the handshake (TLS for ``https``, CONNECT, response) runs on it.
+    ``timeout`` bounds the whole operation. On return ``protocol`` is in relay
+    mode (``protocol.established`` holds the 2xx response); call
+    ``protocol.attach(sink)`` to receive data.
+
+    For ``https`` without ``ssl_context`` a default verifying context is used;
+    the certificate is checked against ``endpoint.host``.
+
+    Raises:
+        PrivilegeError: ``mark`` given but the process lacks CAP_NET_ADMIN.
+        ProxyUnreachableError: no address accepted, TLS failed, or timeout.
+        ProxyError: the proxy answered non-2xx (``auth_failed`` for 407).
+        ProxyProtocolError: the proxy's answer was not valid HTTP/1.x, or it
+            closed the connection before answering.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    sock = await _connect_first(endpoint, mark, deadline, timeout)
+
+    tls: ssl.SSLContext | None = None
+    if endpoint.scheme == "https":
+        tls = ssl_context if ssl_context is not None else ssl.create_default_context()
+    phase = "TLS handshake" if tls is not None else "connection setup"
+    transport: asyncio.BaseTransport | None = None
+    try:
+        async with asyncio.timeout_at(deadline):
+            try:
+                transport, _ = await loop.create_connection(
+                    lambda: protocol,
+                    sock=sock,
+                    ssl=tls,
+                    server_hostname=endpoint.host if tls is not None else None,
+                )
+            except (OSError, ssl.SSLError) as exc:
+                # create_connection closed the socket already.
+                raise ProxyUnreachableError(
+                    endpoint.addresses, f"{phase} with {endpoint.host} failed: {exc}"
+                ) from exc
+            phase = "CONNECT response"
+            await protocol.established
+    except TimeoutError:
+        _discard(transport, sock)
+        raise ProxyUnreachableError(
+            endpoint.addresses, f"timed out after {timeout:g}s waiting for {phase}"
+        ) from None
+    except ProxyVpnError:
+        if transport is not None:
+            transport.close()
+        raise
+    except BaseException:
+        # Cancelled by the caller (or a bug): never leave a half-open proxy socket.
+        _discard(transport, sock)
+        raise
+
+
+def _discard(transport: asyncio.BaseTransport | None, sock: socket.socket) -> None:
+    """Drop a connection that will not become a tunnel.
+
+    Once a transport exists it owns the socket (closing the fd under it would
+    confuse the selector); before that the socket is ours to close.
+    """
+    if transport is not None:
+        transport.abort()
+    else:
+        sock.close()

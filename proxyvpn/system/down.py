@@ -1,0 +1,115 @@
+"""`proxyvpn down`: stop the running instance, or undo the journal a dead one left behind.
+
+A live `up` tears itself down on SIGTERM (it knows its TUN fd and journal); we only signal
+it and wait for its lock to be released. A dead one (kill -9, a crash, a power cut of
+/run's contents notwithstanding) left its journal: we replay its undo, exactly what it
+says and nothing else. Running `down` again is harmless.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+
+from proxyvpn.errors import AlreadyRunningError, PrivilegeError, ProxyVpnError
+from proxyvpn.system.apply import undo_ops
+from proxyvpn.system.state import StateDir
+
+log = logging.getLogger("proxyvpn.system")
+
+
+def _undo_journal(store: StateDir, state: dict) -> None:
+    """Undo a dead instance's journal and delete it; ProxyVpnError if anything failed
+    (the journal then stays, so a later `down` retries)."""
+    errors = undo_ops(state.get("applied", []))
+    if errors:
+        raise ProxyVpnError(
+            f"could not undo everything recorded in {store.state_file}: "
+            + "; ".join(errors) + " (the journal is kept; fix the cause and run `proxyvpn down` again)")
+    store.discard_state()
+
+
+def _wait_released(store: StateDir, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if store.holder_pid() is None:
+            return True
+        time.sleep(0.05)
+    return store.holder_pid() is None
+
+
+def bring_down(state_dir: Path, *, timeout: float = 10.0) -> str:
+    """Stop proxyvpn or clean up after it; returns a message for the user."""
+    store = StateDir(state_dir)
+    pid = store.holder_pid()
+    if pid == 0:
+        time.sleep(0.2)  # the holder has just taken the lock and not yet written its pid
+        pid = store.holder_pid()
+    if pid is not None:
+        if pid <= 0:
+            raise ProxyVpnError(f"the lock in {state_dir} is held but the holder's pid is unknown")
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass  # it exited between our lock test and the signal
+        except PermissionError:
+            raise PrivilegeError(f"not allowed to stop proxyvpn (pid {pid}): it runs as "
+                                 "another user") from None
+        if not _wait_released(store, timeout):
+            raise ProxyVpnError(f"proxyvpn (pid {pid}) did not stop within {timeout:g} s; "
+                                f"it still holds {store.lock_file}")
+        # A clean exit removed its journal; one left behind means its teardown failed.
+        leftover = store.read()
+        if leftover:
+            _locked_cleanup(store, leftover)
+        return f"stopped proxyvpn (pid {pid})"
+    state = store.read()
+    if state is None:
+        return "proxyvpn is not running"
+    _locked_cleanup(store, state)
+    return f"cleaned up after a proxyvpn that was not running (pid {state.get('pid')})"
+
+
+def _locked_cleanup(store: StateDir, state: dict) -> None:
+    # Hold the lock while undoing so that an `up` starting now cannot interleave with us.
+    store.acquire()
+    try:
+        state = store.read() or {}  # re-read under the lock: it may have changed
+        if state:
+            log.warning("undoing the journal of proxyvpn pid %s (%d operations)",
+                        state.get("pid"), len(state.get("applied", [])))
+            _undo_journal(store, state)
+    except BaseException:
+        store.release()
+        raise
+    store.remove()
+
+
+def clean_stale(state_dir: Path) -> str | None:
+    """For `up`: if a journal exists that no live process owns, undo it first (warning).
+
+    Works whether or not the caller already holds the lock (`up` takes it, then calls
+    this). Returns a message when something was cleaned, None otherwise; raises
+    AlreadyRunningError when another live process holds the lock.
+    """
+    store = StateDir(state_dir)
+    state = store.read()
+    if state is None:
+        return None
+    holder = store.holder_pid()
+    mine = holder == os.getpid()
+    if holder is not None and not mine:
+        raise AlreadyRunningError(holder, str(state_dir))
+    if mine and state.get("pid") == os.getpid():
+        return None  # our own journal, not stale
+    log.warning("a proxyvpn that was not running (pid %s) left changes behind; undoing them",
+                state.get("pid"))
+    if mine:
+        # The caller holds the lock: undo and drop the journal, leave the lock alone.
+        _undo_journal(store, state)
+    else:
+        _locked_cleanup(store, state)
+    return f"cleaned up after a proxyvpn that was not running (pid {state.get('pid')})"

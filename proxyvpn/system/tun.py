@@ -1,0 +1,85 @@
+"""The TUN device: created by opening /dev/net/tun, alive as long as we hold the fd.
+
+Not persistent on purpose: if proxyvpn dies, the kernel deletes the interface and every
+address and route on it, so captured traffic has nowhere to go but the killswitch.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import socket
+from dataclasses import dataclass, field
+
+log = logging.getLogger("proxyvpn.system")
+
+try:
+    from pytun_pmd3.linux import IFF_NO_PI, IFF_TUN, IFF_TUN_EXCL, TunTapDevice
+except ImportError:  # pragma: no cover - the dependency is declared; keep the error clear
+    TunTapDevice = None  # type: ignore[assignment,misc]
+    IFF_TUN, IFF_NO_PI, IFF_TUN_EXCL = 0x0001, 0x1000, 0x8000
+
+
+def link_exists(name: str) -> bool:
+    """An interface of that name exists in our network namespace (SIOCGIFINDEX)."""
+    try:
+        socket.if_nametoindex(name)
+    except OSError:
+        return False
+    return True
+
+
+@dataclass
+class TunHandle:
+    """An open TUN device: raw IP packets without packet-information header."""
+
+    name: str
+    """Interface name the kernel gave the device."""
+    fd: int
+    """Non-blocking file descriptor: read() returns one IP packet, write() sends one."""
+    _device: object = field(repr=False)
+    """The pytun_pmd3 TunTapDevice owning the fd (kept so it is not garbage collected)."""
+
+    @property
+    def closed(self) -> bool:
+        """The fd was closed (and with it the interface deleted)."""
+        return self.fd < 0
+
+    def close(self) -> None:
+        """Close the fd; the kernel then deletes the interface. Idempotent."""
+        if self.fd >= 0:
+            self._device.close()  # type: ignore[attr-defined]
+            log.debug("closed TUN %s", self.name)
+            self.fd = -1
+
+
+def open_tun(name: str, mtu: int) -> TunHandle:
+    """Create TUN `name` with `mtu`. Refuses (OSError EEXIST) if a link of that name exists:
+    TUNSETIFF would otherwise attach us to someone else's persistent TUN."""
+    if TunTapDevice is None:
+        raise OSError(errno.ENOSYS, "the pytun_pmd3 module is not installed")
+    if link_exists(name):
+        raise OSError(errno.EEXIST, f"a network interface named {name!r} already exists")
+    try:
+        # IFF_TUN_EXCL makes the kernel itself refuse an existing device (EBUSY), closing
+        # the window between the check above and TUNSETIFF.
+        device = TunTapDevice(name, flags=IFF_TUN | IFF_NO_PI | IFF_TUN_EXCL)
+    except OSError as exc:
+        if exc.errno == errno.EBUSY:
+            raise OSError(errno.EEXIST,
+                          f"a network interface named {name!r} already exists") from exc
+        raise OSError(exc.errno or errno.EIO, f"cannot create TUN {name!r}: "
+                      f"{os.strerror(exc.errno) if exc.errno else exc}") from exc
+    try:
+        device.mtu = mtu
+        fd = device.fileno()
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_NONBLOCK)
+    except OSError as exc:
+        device.close()
+        raise OSError(exc.errno or errno.EIO,
+                      f"cannot set MTU {mtu} on {name}: {os.strerror(exc.errno or errno.EIO)}"
+                      ) from exc
+    log.debug("opened TUN %s (fd %d, mtu %d)", device.name, fd, mtu)
+    return TunHandle(device.name, fd, device)

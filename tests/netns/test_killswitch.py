@@ -1,0 +1,176 @@
+"""Leak tests: a real capture on the router's client-facing link proves what left the client.
+
+Allowed out of the client: TCP to the proxy port, DNS to the allowed resolver (the
+router, from the namespace's resolv.conf), and IPv6 neighbour discovery. Everything else
+seen in the capture is a leak.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import json
+import os
+import signal
+import subprocess
+import time
+from contextlib import contextmanager
+
+import dpkt
+from nslib import wait_for
+from topology import (
+    CLIENT4,
+    CLIENT6,
+    PROXY_PORT,
+    PYTHON,
+    ROUTER4_C,
+    ROUTER6_C,
+    SERVER4,
+    SERVER6,
+)
+
+CLIENT_ADDRS = {ipaddress.ip_address(CLIENT4), ipaddress.ip_address(CLIENT6)}
+PROXY_ADDRS = {ipaddress.ip_address(ROUTER4_C), ipaddress.ip_address(ROUTER6_C)}
+
+
+@contextmanager
+def capture(lab):
+    """tcpdump on the router side of the client link; yields a list filled on exit."""
+    pcap = lab.workdir / f"cap-{time.monotonic_ns()}.pcap"
+    proc = lab.router.popen("tcpdump", "-i", lab.router_cif, "-n", "-U", "-w", str(pcap),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    wait_for(lambda: pcap.exists() and pcap.stat().st_size > 0, timeout=10, what="tcpdump")
+    packets: list[tuple] = []
+    try:
+        yield packets
+    finally:
+        time.sleep(0.3)
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(10)
+        with open(pcap, "rb") as fh:
+            for _, buf in dpkt.pcap.Reader(fh):
+                eth = dpkt.ethernet.Ethernet(buf)
+                ip = eth.data
+                if not isinstance(ip, dpkt.ip.IP | dpkt.ip6.IP6):
+                    continue
+                packets.append(classify(ip))
+
+
+def classify(ip) -> tuple:
+    src = ipaddress.ip_address(ip.src)
+    dst = ipaddress.ip_address(ip.dst)
+    l4 = ip.data
+    proto = type(l4).__name__
+    dport = getattr(l4, "dport", None)
+    icmp6_type = l4.type if isinstance(l4, dpkt.icmp6.ICMP6) else None
+    return (src, dst, proto, dport, icmp6_type)
+
+
+def leaks(packets: list[tuple], allowed_dns=PROXY_ADDRS) -> list[tuple]:
+    bad = []
+    for src, dst, proto, dport, icmp6_type in packets:
+        if src not in CLIENT_ADDRS and not src.is_link_local:
+            continue  # replies and router traffic
+        if proto == "TCP" and dst in PROXY_ADDRS and dport == PROXY_PORT:
+            continue
+        if proto in ("UDP", "TCP") and dport == 53 and dst in allowed_dns:
+            continue
+        if proto == "ICMP6" and icmp6_type in (133, 135, 136):  # RS, NS, NA
+            continue
+        bad.append((str(src), str(dst), proto, dport))
+    return bad
+
+
+ESCAPES = f"""
+import socket, json
+results = {{}}
+def attempt(name, fn):
+    try:
+        fn(); results[name] = "sent"
+    except OSError as e:
+        results[name] = e.errno
+def tcp(addr, family, mark):
+    s = socket.socket(family); s.settimeout(2)
+    if mark: s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
+    s.connect((addr, 9000)); s.close()
+def udp(addr, family, port):
+    u = socket.socket(family, socket.SOCK_DGRAM); u.sendto(b"leak?", (addr, port))
+attempt("tcp4_bypass_mark", lambda: tcp("{SERVER4}", socket.AF_INET, 0x7077))
+attempt("tcp6_bypass_mark", lambda: tcp("{SERVER6}", socket.AF_INET6, 0x7077))
+attempt("udp4", lambda: udp("{SERVER4}", socket.AF_INET, 9999))
+attempt("udp6", lambda: udp("{SERVER6}", socket.AF_INET6, 9999))
+attempt("dns4_not_allowed", lambda: udp("{SERVER4}", socket.AF_INET, 53))
+attempt("dns6_not_allowed", lambda: udp("{SERVER6}", socket.AF_INET6, 53))
+print(json.dumps(results))
+"""
+
+
+def tcp_roundtrip(lab, host: str) -> dict:
+    result = lab.tool(lab.client, "client", "--host", host, "--up", "100000", "--down", "100000",
+                      check=False, timeout=60)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_killswitch_blocks_everything_but_the_proxy(lab):
+    lab.start_server()
+    lab.start_vpn()
+    with capture(lab) as packets:
+        assert tcp_roundtrip(lab, SERVER4)["ok"]
+        assert tcp_roundtrip(lab, SERVER6)["ok"]
+        escapes = json.loads(lab.client.run(PYTHON, "-c", ESCAPES).stdout)
+        ping4 = lab.client.run("ping", "-c", "1", "-W", "1", SERVER4, check=False)
+        ping6 = lab.client.run("ping", "-6", "-c", "1", "-W", "1", SERVER6, check=False)
+        dns_ok = lab.client.run(PYTHON, "-c", f"import socket;socket.socket(socket.AF_INET,"
+                                f"socket.SOCK_DGRAM).sendto(b'q',('{ROUTER4_C}',53))", check=False)
+    assert all(value != "sent" for value in escapes.values()), escapes
+    assert escapes["tcp4_bypass_mark"] in (errno.ECONNREFUSED, errno.EPERM), escapes
+    assert ping4.returncode != 0 and ping6.returncode != 0
+    assert dns_ok.returncode == 0  # the allowed resolver stays reachable
+    assert leaks(packets) == []
+    assert any(p[2] == "TCP" and p[3] == PROXY_PORT for p in packets), "no proxy traffic seen"
+
+
+def test_dead_proxy_fails_fast_without_leaking_then_recovers(lab):
+    lab.start_server()
+    lab.start_vpn()
+    lab.stop_proxy()
+    with capture(lab) as packets:
+        out = tcp_roundtrip(lab, SERVER4)
+    assert not out["ok"] and out["failures"][0]["errno"] == errno.ECONNREFUSED, out
+    assert out["failures"][0]["seconds"] < 1.0
+    assert leaks(packets) == []
+    lab.restart_proxy()
+    assert tcp_roundtrip(lab, SERVER4)["ok"]
+    assert lab.vpn.poll() is None
+
+
+def test_kill_9_stays_closed_and_down_restores_snapshot(lab):
+    before = lab.client.snapshot()
+    lab.start_server()
+    lab.start_vpn()
+    lab.vpn.send_signal(signal.SIGKILL)
+    lab.vpn.wait(10)
+    with capture(lab) as packets:
+        out = tcp_roundtrip(lab, SERVER4)
+        escapes = json.loads(lab.client.run(PYTHON, "-c", ESCAPES).stdout)
+    assert not out["ok"]
+    assert all(value != "sent" for value in escapes.values()), escapes
+    assert leaks(packets) == []
+    result = lab.proxyvpn("down", "--state-dir", str(lab.vpn_state))
+    assert result.returncode == 0, result.stderr
+    assert lab.client.snapshot() == before
+    assert tcp_roundtrip(lab, SERVER4)["ok"]  # direct again, as before `up`
+
+
+def test_no_killswitch_lets_udp_out_but_tcp_still_uses_proxy(lab):
+    lab.start_server()
+    lab.start_vpn("--no-killswitch")
+    with capture(lab) as packets:
+        assert tcp_roundtrip(lab, SERVER4)["ok"]
+        lab.client.run(PYTHON, "-c", f"import socket;socket.socket(socket.AF_INET,"
+                       f"socket.SOCK_DGRAM).sendto(b'x',('{SERVER4}',9999))")
+    udp = [p for p in packets if p[2] == "UDP" and str(p[1]) == SERVER4]
+    assert udp, "UDP should go out directly without the killswitch"
+    direct_tcp = [p for p in packets if p[2] == "TCP" and str(p[1]) == SERVER4]
+    assert direct_tcp == []
+    assert SERVER4 in lab.proxy_log_text()
