@@ -94,16 +94,19 @@ def run_up(config: Config) -> int:
             "CAP_NET_ADMIN is missing: run `sudo setcap cap_net_admin=eip /path/proxyvpn` "
             "(or the install script), or use sudo"
         )
-    plan = make_plan(config)
-    probe_proxy(plan.proxy_ips, config.proxy.port, config.connect_timeout)
-
     state_dir = resolve_state_dir(config.state_dir)
     state = StateDir(state_dir, keep=config.keep_logs)
-    state.acquire()
-    clean_stale(state_dir)
-    extra = {"proxy": config.proxy.display(), "tun": config.tun_name,
-             "killswitch": config.killswitch, "pid": os.getpid()}
-    applied = apply_plan(plan, state, extra)
+    state.acquire()  # first: a second `up` must say "already running", nothing else
+    try:
+        clean_stale(state_dir)
+        plan = make_plan(config)
+        probe_proxy(plan.proxy_ips, config.proxy.port, config.connect_timeout)
+        extra = {"proxy": config.proxy.display(), "tun": config.tun_name,
+                 "killswitch": config.killswitch, "pid": os.getpid()}
+        applied = apply_plan(plan, state, extra)
+    except BaseException:
+        state.remove()
+        raise
     stop_reason = "stopped"
     try:
         log.info("up: %s via %s (killswitch %s); Ctrl+C or `proxyvpn down` to stop",

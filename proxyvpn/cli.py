@@ -103,6 +103,9 @@ def main() -> None:
 @click.option("--rule-priority", type=str, default=None, help="ip rule priority [default: 7076].")
 @click.option("--connect-timeout", type=float, default=None,
               help="Seconds to wait for the proxy to connect and answer CONNECT [default: 10].")
+@click.option("--half-close-delay", type=float, default=None,
+              help="Seconds the reply must be quiet before an app's half-close reaches the "
+                   "proxy; many proxies drop the tunnel on half-close [default: 2, 0: at once].")
 @click.option("--max-flows", type=int, default=None, help="Maximum concurrent flows [default: 16384].")
 @click.option("--pcap", type=click.Path(path_type=Path), default=None,
               help="Write every packet seen on the TUN to this pcap file (debugging).")

@@ -92,6 +92,9 @@ class Config:
     connect_timeout: float = 10.0
     """Seconds to wait for the proxy to accept TCP and answer CONNECT."""
     max_flows: int = 16384
+    half_close_delay: float = 2.0
+    """Seconds the reply direction must be quiet before an app's half-close is passed
+    to the proxy (0: at once). See aio/flow.py for why."""
     pcap: Path | None = None
     verbose: bool = False
     dry_run: bool = False
@@ -217,7 +220,7 @@ SETTING_KEYS = (
     "proxy_url", "proxy_host", "proxy_port", "username", "password", "password_file",
     "proxy_ip", "tun_name", "tun_cidr", "tun_cidr6", "mtu", "dns", "allow_dns", "exclude",
     "killswitch", "ipv6", "state_dir", "table", "capture_mark", "bypass_mark",
-    "rule_priority", "connect_timeout", "max_flows", "pcap", "verbose", "keep_logs",
+    "rule_priority", "connect_timeout", "max_flows", "half_close_delay", "pcap", "verbose", "keep_logs",
     "pure_python",
 )
 """Keys accepted in the TOML config file (dashes or underscores); each mirrors a flag."""
@@ -353,6 +356,13 @@ def build_config(settings: Mapping[str, Any], *, dry_run: bool = False, json: bo
     if not 0.1 <= timeout <= 300:
         raise ConfigError("--connect-timeout must be between 0.1 and 300 seconds")
 
+    try:
+        half_close_delay = float(s.get("half_close_delay", 2.0))
+    except (TypeError, ValueError):
+        raise ConfigError("--half-close-delay must be a number of seconds") from None
+    if not 0 <= half_close_delay <= 3600:
+        raise ConfigError("--half-close-delay must be between 0 and 3600 seconds")
+
     dns_value = s.get("dns") or ()
     if isinstance(dns_value, str):
         dns_value = (dns_value,)
@@ -377,6 +387,7 @@ def build_config(settings: Mapping[str, Any], *, dry_run: bool = False, json: bo
         rule_priority=_check_int(s.get("rule_priority", DEFAULT_RULE_PRIORITY), "--rule-priority", 1, 32765),
         connect_timeout=timeout,
         max_flows=_check_int(s.get("max_flows", 16384), "--max-flows", 1, 1_000_000),
+        half_close_delay=half_close_delay,
         pcap=Path(pcap) if pcap else None,
         verbose=bool(s.get("verbose", False)),
         dry_run=dry_run,

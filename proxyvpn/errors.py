@@ -43,7 +43,8 @@ class ApplyError(ProxyVpnError):
     def __init__(self, op: object, cause: BaseException | str) -> None:
         self.op = op
         self.cause = cause
-        describe = getattr(op, "command", None)
+        # summary() is one line even for ops whose command() is long (the nft ruleset).
+        describe = getattr(op, "summary", None) or getattr(op, "command", None)
         what = describe() if callable(describe) else str(op)
         super().__init__(f"failed to apply `{what}`: {cause}")
 
@@ -59,8 +60,8 @@ class ProxyError(ProxyVpnError):
 
     @property
     def auth_failed(self) -> bool:
-        """407: the proxy wants (other) credentials."""
-        return self.status == 407
+        """407 (RFC 9110 §15.5.8); some proxies (tinyproxy, measured) answer 401."""
+        return self.status in (401, 407)
 
 
 class ProxyUnreachableError(ProxyVpnError):

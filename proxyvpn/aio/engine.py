@@ -171,8 +171,8 @@ class Engine:
             self.stats["proxy_auth_failed"] += 1
             if not self._auth_reported:
                 self._auth_reported = True
-                log.error("proxy authentication failed (407 %s): check the user name and "
-                          "password; connections are refused until it is fixed", exc.reason)
+                log.error("proxy authentication failed (%s %s): check the user name and "
+                          "password; connections are refused until it is fixed", exc.status, exc.reason)
                 return
         flow.log.info("proxy refused: %s %s", exc.status, exc.reason)
 

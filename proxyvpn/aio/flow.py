@@ -37,7 +37,7 @@ class Flow:
     """Glue between one TcpConnection and one TunnelProtocol (it is the tunnel's sink)."""
 
     __slots__ = ("engine", "key", "family", "conn", "dst_host", "dst_port", "tunnel", "task",
-                 "pending", "pending_eof", "timer_at", "log", "_closed", "_reading_paused", "_fin_queued")
+                 "pending", "pending_eof", "timer_at", "log", "_closed", "_reading_paused", "_fin_queued", "last_rx", "_eof_timer")
 
     def __init__(self, engine: Engine, key: tuple[bytes, int, bytes, int], family: int,
                  conn: TcpConnection, dst_host: str, dst_port: int) -> None:
@@ -55,6 +55,8 @@ class Flow:
         self._closed = False
         self._reading_paused = False
         self._fin_queued = False
+        self.last_rx = 0.0
+        self._eof_timer: asyncio.TimerHandle | None = None
         src = f"{ipaddress.ip_address(key[0])}:{key[1]}"
         dst = f"[{dst_host}]:{dst_port}" if ":" in dst_host else f"{dst_host}:{dst_port}"
         self.log = FlowLogger(log, {"flow": f"{src} -> {dst}"})
@@ -75,8 +77,7 @@ class Flow:
             elif kind is SendSpaceAvailable:
                 self._push_pending(now)
             elif kind is PeerClosed:
-                if self.tunnel is not None:
-                    self.tunnel.write_eof()
+                self._app_half_closed(now)
             elif kind is ConnectionReset or kind is TimedOut:
                 self.log.debug("%s", kind.__name__)
                 self.close_tunnel(abort=True)
@@ -85,10 +86,38 @@ class Flow:
         if self.tunnel is not None:
             conn.set_receive_space(self.engine.params.rcv_buf - self.tunnel.write_buffer_size())
 
+    def _app_half_closed(self, now: float) -> None:
+        """The app sent FIN. Many proxies (tinyproxy and squid, measured) tear the whole
+        tunnel down when the client half-closes, which would cut off the reply. So the
+        FIN is passed on only once the reply direction has been quiet for
+        half_close_delay seconds: replies still arrive, and servers that wait for EOF
+        still get it."""
+        delay = self.engine.config.half_close_delay
+        if delay <= 0:
+            self._forward_eof()
+            return
+        self.last_rx = now
+        self._eof_timer = self.engine._loop.call_at(now + delay, self._eof_timer_fired)
+
+    def _eof_timer_fired(self) -> None:
+        self._eof_timer = None
+        delay = self.engine.config.half_close_delay
+        quiet_since = self.last_rx + delay
+        if self.engine._loop.time() >= quiet_since:
+            self._forward_eof()
+        else:
+            self._eof_timer = self.engine._loop.call_at(quiet_since, self._eof_timer_fired)
+
+    def _forward_eof(self) -> None:
+        if self.tunnel is not None:
+            self.tunnel.write_eof()
+
     def _on_closed(self) -> None:
         if self._closed:
             return
         self._closed = True
+        if self._eof_timer is not None:
+            self._eof_timer.cancel()
         self.close_tunnel()
         if self.task is not None and not self.task.done():
             self.task.cancel()
@@ -109,6 +138,8 @@ class Flow:
         tunnel.attach(self)
 
     def tunnel_data(self, data: bytes) -> None:
+        if self._eof_timer is not None:
+            self.last_rx = self.engine._loop.time()
         if self.pending:
             self.pending += data
         else:

@@ -129,6 +129,13 @@ def veth(a: Netns, a_addrs: Sequence[str], b: Netns, b_addrs: Sequence[str]) -> 
             extra = ["nodad"] if ":" in addr else []
             ns.run("ip", "addr", "add", addr, "dev", ifname, *extra)
         ns.run("ip", "link", "set", ifname, "up")
+    # IPv6 link-local addresses arrive asynchronously (carrier, then DAD); tests that
+    # snapshot the namespace must see it settled, or they blame proxyvpn for the change.
+    for ns, ifname in ((a, a_if), (b, b_if)):
+        wait_for(lambda ns=ns, ifname=ifname: "fe80" in ns.run(
+            "ip", "-6", "route", "show", "table", "local", "dev", ifname).stdout
+            and not ns.run("ip", "-6", "addr", "show", "dev", ifname, "tentative").stdout.strip(),
+            timeout=10, what=f"{ifname} link-local address")
     return a_if, b_if
 
 
@@ -159,3 +166,16 @@ def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05, what: str
 
 def is_root() -> bool:
     return os.geteuid() == 0
+
+
+def assert_same_snapshot(before: dict[str, str], after: dict[str, str]) -> None:
+    """Fail with a unified diff of every part of the snapshot that changed."""
+    import difflib
+
+    diffs = []
+    for key in before:
+        if before[key] != after.get(key):
+            diffs.append("".join(difflib.unified_diff(
+                before[key].splitlines(True), after.get(key, "").splitlines(True),
+                f"{key} before", f"{key} after")))
+    assert not diffs, "host state changed:\n" + "\n".join(diffs)

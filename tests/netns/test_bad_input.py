@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from nslib import assert_same_snapshot
 from topology import PROXY_PORT, ROUTER4_C
 
 
@@ -30,7 +31,7 @@ def test_bad_input_leaves_host_unchanged(lab, args, message):
     state = lab.workdir / "state"
     result = lab.proxyvpn("up", "--state-dir", str(state), "--connect-timeout", "2", *args)
     assert_one_line_error(result, message)
-    assert lab.client.snapshot() == before
+    assert_same_snapshot(before, lab.client.snapshot())
 
 
 def test_second_up_is_refused_and_changes_nothing(lab):
@@ -39,7 +40,7 @@ def test_second_up_is_refused_and_changes_nothing(lab):
     result = lab.proxyvpn("up", "--proxy-url", f"http://{ROUTER4_C}:{PROXY_PORT}",
                           "--state-dir", str(lab.vpn_state))
     assert_one_line_error(result, "already running")
-    assert lab.client.snapshot() == before
+    assert_same_snapshot(before, lab.client.snapshot())
     assert lab.vpn.poll() is None  # the first one is unharmed
 
 
@@ -51,7 +52,7 @@ def test_up_then_down_restores_everything(lab):
     result = lab.proxyvpn("down", "--state-dir", str(lab.vpn_state))
     assert result.returncode == 0, result.stderr
     assert lab.vpn.wait(15) == 0
-    assert lab.client.snapshot() == before
+    assert_same_snapshot(before, lab.client.snapshot())
     again = lab.proxyvpn("down", "--state-dir", str(lab.vpn_state))
     assert again.returncode == 0 and "not running" in again.stdout
 
@@ -65,7 +66,7 @@ def test_dry_run_as_unprivileged_user_changes_nothing(lab):
     json_result = lab.proxyvpn("up", "--proxy-url", f"http://{ROUTER4_C}:{PROXY_PORT}",
                                "--dry-run", "--json", user="65534")
     assert json_result.returncode == 0 and json_result.stdout.lstrip().startswith("{")
-    assert lab.client.snapshot() == before
+    assert_same_snapshot(before, lab.client.snapshot())
 
 
 def test_up_without_privileges_is_one_line(lab):
@@ -73,4 +74,4 @@ def test_up_without_privileges_is_one_line(lab):
     result = lab.proxyvpn("up", "--proxy-url", f"http://{ROUTER4_C}:{PROXY_PORT}",
                           "--state-dir", str(lab.workdir / "st"), user="65534")
     assert_one_line_error(result, "CAP_NET_ADMIN")
-    assert lab.client.snapshot() == before
+    assert_same_snapshot(before, lab.client.snapshot())

@@ -84,9 +84,8 @@ def _serve_checksum(conn: socket.socket, mode: str) -> None:
         sender.start()
         got = _drain(conn, up)
         sender.join()
-        rest = conn.recv(1)  # the client's FIN must arrive (half-close), nothing more
-        if rest:
-            return
+        if mode == "wait-eof" and conn.recv(1):
+            return  # the client's FIN (half-close) must reach us, and nothing more
         conn.sendall(got + sent_digest[0])
 
 
@@ -205,7 +204,8 @@ def main() -> int:
     s = sub.add_parser("serve")
     s.add_argument("--port", type=int, default=9000)
     s.add_argument("--bind", default="::")
-    s.add_argument("--mode", default="checksum", choices=["checksum", "close-first", "echo"])
+    s.add_argument("--mode", default="checksum",
+                   choices=["checksum", "wait-eof", "close-first", "echo"])
     for name in ("client", "reset"):
         c = sub.add_parser(name)
         c.add_argument("--host", required=True)
