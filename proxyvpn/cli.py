@@ -40,7 +40,7 @@ def friendly_errors(func: Callable[..., Any]) -> Callable[..., Any]:
                 log.debug("details", exc_info=True)
             click.echo(f"proxyvpn: error: {exc}", err=True)
             sys.exit(exc.exit_code)
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, click.exceptions.Abort):
             sys.exit(130)
         except click.exceptions.Exit:
             raise
@@ -193,7 +193,7 @@ def selftest(verbose: bool | None, **opts: Any) -> None:
 
 
 @main.command()
-@click.option("--keep", is_flag=True, help="Wait for Enter before tearing the demo down.")
+@click.option("--keep", is_flag=True, help="Pause with proxyvpn up (Enter continues) to look around.")
 @_verbose_option
 @friendly_errors
 def demo(verbose: bool | None, keep: bool) -> None:

@@ -122,7 +122,7 @@ def run(*, keep: bool = False, verbose: bool = False) -> int:
                 if vpn.poll() is not None or time.monotonic() > deadline:
                     raise ProxyVpnError("demo: proxyvpn did not come up:\n" + vpn_log.read_text())
                 time.sleep(0.1)
-            click.echo(_indent(vpn_log.read_text()))
+            click.echo(_indent(_applied_ops(vpn_log.read_text())))
 
             say("4. the client fetches http://10.99.2.2:8080/ (captured, relayed by the proxy)")
             fetch = subprocess.run(
@@ -132,8 +132,13 @@ def run(*, keep: bool = False, verbose: bool = False) -> int:
                 capture_output=True, text=True)
             ok &= fetch.returncode == 0 and "hello" in fetch.stdout
             click.echo(_indent(fetch.stdout or fetch.stderr))
-            time.sleep(0.2)
-            click.echo(_indent("proxy log: " + (proxy_log.read_text().strip() or "(empty)")))
+            # The proxy logs a tunnel when it ends; give it a moment.
+            deadline = time.monotonic() + 3
+            while f"{SERVER}:8080" not in proxy_log.read_text() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            seen = [line for line in proxy_log.read_text().splitlines() if f"{SERVER}:8080" in line]
+            ok &= bool(seen)
+            click.echo(_indent("proxy log: " + (seen[-1] if seen else "(no tunnel logged!)")))
 
             say("5. a socket that escapes capture (bypass mark) and UDP try to go direct")
             escape = subprocess.run(_in(client, sys.executable, "-c", _ESCAPE), capture_output=True,
@@ -142,22 +147,29 @@ def run(*, keep: bool = False, verbose: bool = False) -> int:
             ok &= blocked
             click.echo(_indent(escape.stdout + escape.stderr))
 
+            if keep:
+                click.echo(f"   look around: ip netns exec {client} bash   (Ctrl+C also cleans up)")
+                click.prompt("Press Enter to bring proxyvpn down and remove the namespaces",
+                             default="", show_default=False)
             say("6. proxyvpn down")
             vpn.send_signal(signal.SIGTERM)
             vpn.wait(20)
             click.echo(_indent(vpn_log.read_text().splitlines()[-1]))
-            if keep:
-                click.prompt("Press Enter to remove the namespaces", default="", show_default=False)
         say("7. removed the namespaces: " + ("demo OK" if ok else "demo FAILED"))
         return 0 if ok else 1
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, click.exceptions.Abort):  # click turns ^C at a prompt into Abort
         say("interrupted: namespaces removed")
         return 130
     finally:
-        for proc in procs:
+        for proc in procs:  # proxyvpn first gets SIGTERM so it tears down like a user's Ctrl+C
             if proc.poll() is None:
+                proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
                 proc.kill()
-            proc.wait()
+                proc.wait()
         shutil.rmtree(workdir, ignore_errors=True)
 
 
@@ -175,6 +187,19 @@ try:
 except OSError as e:
     print("direct UDP: blocked by the killswitch (" + (e.strerror or str(e)) + ")")
 """
+
+
+def _applied_ops(log_text: str) -> str:
+    """The `[#] command` lines of the log, the nft ruleset heredoc folded to one line."""
+    lines, in_heredoc = [], False
+    for line in log_text.splitlines():
+        if in_heredoc:
+            in_heredoc = line.strip() != "EOF"
+            continue
+        if "[#]" in line or " up: " in line:
+            lines.append(line)
+            in_heredoc = "<<" in line
+    return "\n".join(lines)
 
 
 def _indent(text: str) -> str:
