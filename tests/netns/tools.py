@@ -198,6 +198,41 @@ def reset_client(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dns_answer(query: bytes) -> bytes:
+    """Answer any A question with 192.0.2.1 (RFC 5737 documentation address)."""
+    qid, _flags, qd = struct.unpack("!HHH", query[:6])
+    pos = 12
+    while query[pos]:
+        pos += query[pos] + 1
+    question = query[12:pos + 5]
+    header = struct.pack("!HHHHHH", qid, 0x8180, 1, 1, 0, 0)
+    answer = b"\xc0\x0c" + struct.pack("!HHIH", 1, 1, 60, 4) + bytes([192, 0, 2, 1])
+    return header + question + answer
+
+
+def dns(args: argparse.Namespace) -> None:
+    """A DNS responder on UDP and TCP (RFC 1035 §4.2.2 length prefix) for selftest."""
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    udp.bind((args.bind, args.port))
+    tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    tcp.bind((args.bind, args.port))
+    tcp.listen(16)
+
+    def serve_tcp() -> None:
+        while True:
+            conn, _ = tcp.accept()
+            with conn:
+                size = struct.unpack("!H", _recv_exact(conn, 2))[0]
+                reply = _dns_answer(_recv_exact(conn, size))
+                conn.sendall(struct.pack("!H", len(reply)) + reply)
+
+    threading.Thread(target=serve_tcp, daemon=True).start()
+    while True:
+        query, peer = udp.recvfrom(4096)
+        udp.sendto(_dns_answer(query), peer)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -206,6 +241,9 @@ def main() -> int:
     s.add_argument("--bind", default="::")
     s.add_argument("--mode", default="checksum",
                    choices=["checksum", "wait-eof", "close-first", "echo"])
+    d = sub.add_parser("dns")
+    d.add_argument("--port", type=int, default=53)
+    d.add_argument("--bind", default="0.0.0.0")
     for name in ("client", "reset"):
         c = sub.add_parser(name)
         c.add_argument("--host", required=True)
@@ -218,6 +256,9 @@ def main() -> int:
     args = parser.parse_args()
     if args.cmd == "serve":
         serve(args)
+        return 0
+    if args.cmd == "dns":
+        dns(args)
         return 0
     if args.cmd == "reset":
         return reset_client(args)
