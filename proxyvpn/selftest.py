@@ -29,6 +29,13 @@ def dns_query(name: str) -> tuple[int, bytes]:
 
 def parse_answers(qid: int, reply: bytes) -> list[str]:
     """IPv4 addresses from the answer section; raises ValueError on a malformed reply."""
+    try:
+        return _parse_answers(qid, reply)
+    except (IndexError, struct.error):
+        raise ValueError("truncated or malformed DNS reply") from None
+
+
+def _parse_answers(qid: int, reply: bytes) -> list[str]:
     if len(reply) < 12:
         raise ValueError("short DNS reply")
     rid, flags, qd, an, _, _ = struct.unpack("!HHHHHH", reply[:12])
