@@ -10,6 +10,7 @@ import contextlib
 import json
 import logging
 import os
+import resource
 import signal
 import socket
 import time
@@ -81,6 +82,14 @@ def probe_proxy(addresses: tuple[str, ...], port: int, timeout: float) -> None:
     raise ProxyUnreachableError(tuple(f"{a}:{port}" for a in addresses), "; ".join(errors) or "no address")
 
 
+def raise_open_file_limit() -> None:
+    """Each flow holds a proxy socket: the usual soft limit of 1024 files would cap us near
+    1000 flows whatever --max-flows says, so take the hard limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def run_up(config: Config) -> int:
     """Apply the plan, run the data path until a stop signal, undo everything."""
     from proxyvpn.aio.engine import run_engine
@@ -94,6 +103,7 @@ def run_up(config: Config) -> int:
             "CAP_NET_ADMIN is missing: run `sudo setcap cap_net_admin=eip /path/proxyvpn` "
             "(or the install script), or use sudo"
         )
+    raise_open_file_limit()
     state_dir = resolve_state_dir(config.state_dir)
     state = StateDir(state_dir, keep=config.keep_logs)
     state.acquire()  # first: a second `up` must say "already running", nothing else

@@ -133,7 +133,7 @@ class CreateTun(Op):
     """MTU; large values let the kernel hand us big segments (fewer syscalls per byte)."""
 
     def command(self) -> str:
-        return f"ip tuntap add dev {_q(self.name)} mode tun && ip link set dev {_q(self.name)} mtu {self.mtu}"
+        return f"ip tuntap add dev {_q(self.name)} mode tun && ip link set dev {_q(self.name)} mtu {self.mtu} txqueuelen 10000"
 
     def undo(self) -> Op:
         return DeleteLink(self.name)

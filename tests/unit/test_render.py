@@ -90,7 +90,7 @@ def test_op_from_dict_rejects_bad_records(data, message):
     (SetAddress("tun0", "10.255.255.1/30"), "ip address add 10.255.255.1/30 dev tun0"),
     (SetAddress("tun0", "fd70:7076::1/126"), "ip -6 address add fd70:7076::1/126 dev tun0 nodad"),
     (DelAddress("tun0", "10.255.255.1/30"), "ip address del 10.255.255.1/30 dev tun0"),
-    (CreateTun("tun0", 1500), "ip tuntap add dev tun0 mode tun && ip link set dev tun0 mtu 1500"),
+    (CreateTun("tun0", 1500), "ip tuntap add dev tun0 mode tun && ip link set dev tun0 mtu 1500 txqueuelen 10000"),
     (LinkUp("tun0"), "ip link set dev tun0 up"),
     (DeleteLink("tun0"), "ip link delete dev tun0"),
     (DeleteNftTable("inet", "proxyvpn"), "nft delete table inet proxyvpn"),

@@ -1,0 +1,205 @@
+"""`python -m bench`: build the lab, run every mode, print JSON lines and a markdown table."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+FD_LIMIT = 200_000
+"""RLIMIT_NOFILE for everything the bench starts (like `ulimit -n` before `proxyvpn up`)."""
+
+
+def raise_fd_limit() -> int:
+    """Raise RLIMIT_NOFILE for us and our children; without CAP_SYS_RESOURCE only up to
+    the hard limit. Returns the soft limit now in force."""
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (FD_LIMIT, max(FD_LIMIT, hard)))
+    except (ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    p.add_argument("--quick", action="store_true",
+                   help="short smoke run (< 60 s): small transfers, 1,000 idle flows only")
+    p.add_argument("--proxy", choices=["squid", "tinyproxy"], default="squid",
+                   help="the upstream proxy on the router [default: squid]")
+    p.add_argument("--json-out", type=Path, metavar="FILE",
+                   help="also write the JSON lines to FILE")
+    p.add_argument("--modes", default="direct,proxyvpn,redsocks",
+                   help="comma-separated subset of direct,proxyvpn,redsocks")
+    p.add_argument("--only", default="bulk,lat,cps,idle",
+                   help="comma-separated subset of bulk,lat,cps,idle")
+    p.add_argument("--profile", type=Path, metavar="DIR",
+                   help="py-spy proxyvpn during the single-flow bulk tests; write stacks here "
+                        "(perturbs the figures: use a separate run)")
+    p.add_argument("--no-native", action="store_true",
+                   help="with --profile: Python frames only (no C-extension frames)")
+    p.add_argument("--vpn-arg", action="append", default=[], metavar="ARG",
+                   help="extra argument for `proxyvpn up` (repeatable)")
+    p.add_argument("--tun-route", action="store_true",
+                   help="experiment: also route the server via the TUN in the main table, so "
+                        "apps' sockets get the TUN's MSS at connect time (see bench/README.md)")
+    args = p.parse_args(argv)
+    args.modes = [m for m in args.modes.split(",") if m]
+    args.only = {o for o in args.only.split(",") if o}
+    for m in args.modes:
+        if m not in ("direct", "proxyvpn", "redsocks"):
+            p.error(f"unknown mode {m!r}")
+    for o in args.only:
+        if o not in ("bulk", "lat", "cps", "idle"):
+            p.error(f"unknown test {o!r}")
+    return args
+
+
+def _version(argv: list[str]) -> str:
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+    text = (out.stdout or out.stderr).strip().splitlines()
+    return text[0] if text else "?"
+
+
+def environment(proxy: str) -> dict:
+    from bench.lab import REPO
+
+    cpu = "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    commit = _version(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"])
+    dirty = _version(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"])
+    return {
+        "kernel": platform.release(), "cpus": os.cpu_count(), "cpu": cpu,
+        "python": platform.python_version(), "commit": commit + ("+dirty" if dirty != "?" else ""),
+        "proxy": _version(["squid", "-v"]) if proxy == "squid" else _version(["tinyproxy", "-v"]),
+        "redsocks": _dpkg_version("redsocks"),
+        "loadavg": Path("/proc/loadavg").read_text().split()[:3],
+    }
+
+
+def _dpkg_version(pkg: str) -> str:
+    out = _version(["dpkg-query", "-W", "-f", "${Version}", pkg])
+    return f"{pkg} {out}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if os.geteuid() != 0:
+        print("bench: needs root (it builds network namespaces): sudo .venv/bin/python -m bench",
+              file=sys.stderr)
+        return 2
+
+    from bench import pump, report
+    from bench.lab import MODES, ProxyVpn, make_lab, remove_lab
+    from bench.suite import FULL, QUICK, Runner, log
+
+    # Ctrl+C, SIGTERM, SIGHUP all unwind through the finally below, which removes the lab.
+    def interrupted(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGTERM, interrupted)
+    signal.signal(signal.SIGHUP, interrupted)
+    fd_limit = raise_fd_limit()
+
+    started = time.monotonic()
+    when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    command = "sudo " + shlex.join([sys.executable, "-m", "bench", *(argv if argv is not None
+                                                                     else sys.argv[1:])])
+    env = environment(args.proxy)
+    json_fh = open(args.json_out, "w") if args.json_out else None  # noqa: SIM115
+    results: list[dict] = []
+
+    def emit(row: dict) -> None:
+        line = json.dumps(row, ensure_ascii=False)
+        print(line, flush=True)
+        if json_fh:
+            json_fh.write(line + "\n")
+            json_fh.flush()
+
+    print(f"# proxyvpn benchmark, {when}", flush=True)
+    print(f"# command: {command}", flush=True)
+    emit({"figure": "run", "date": when, "command": command, "quick": args.quick,
+          "proxy_kind": args.proxy, "fd_limit": fd_limit, **env})
+    settings = QUICK if args.quick else FULL
+    lab = None
+    labels = {}
+    failures = 0
+    try:
+        lab = make_lab(min(fd_limit, 65536))
+        log(f"lab: namespaces {lab.client.name} {lab.router.name} {lab.server.name}, "
+            f"workdir {lab.workdir}, fd limit {fd_limit}")
+        pump_bin = pump.build(lab.workdir)
+        lab.start_proxy(args.proxy)
+        runner = Runner(lab, pump_bin, settings, emit, proxy_kind=args.proxy)
+        runner.start_server()
+        for name in args.modes:
+            mode = (ProxyVpn(lab, tuple(args.vpn_arg), tun_route=args.tun_route)
+                    if name == "proxyvpn" else MODES[name](lab))
+            labels[name] = mode.label
+            if args.profile and name == "proxyvpn":
+                from bench.profiling import make_profiler
+                runner.profile = make_profiler(mode.main_pid, args.profile,
+                                               native=not args.no_native)
+            try:
+                runner.run_mode(mode, args.only)
+            except Exception as exc:  # noqa: BLE001 - one broken mode must not lose the rest
+                failures += 1
+                saved = lab.save_logs(Path(tempfile.mkdtemp(prefix="pvbench-logs-")))
+                log(f"{name}: failed: {exc!r}; logs saved in {saved}")
+                emit({"figure": "error", "mode": name, "error": repr(exc), "logs": str(saved)})
+            runner.ensure_clean()
+        results = runner.results
+    except KeyboardInterrupt as exc:
+        log(f"interrupted ({exc or 'SIGINT'}): removing the lab")
+        return 130
+    except Exception:
+        if lab is not None:
+            saved = lab.save_logs(Path(tempfile.mkdtemp(prefix="pvbench-logs-")))
+            log(f"failed: logs saved in {saved}")
+        raise
+    finally:
+        if lab is not None:
+            try:
+                remove_lab(lab)
+            except Exception as exc:  # noqa: BLE001 - report, never mask the real error
+                log(f"removing the lab failed: {exc}")
+
+    elapsed = time.monotonic() - started
+    emit({"figure": "end", "seconds": round(elapsed, 1),
+          "loadavg": Path("/proc/loadavg").read_text().split()[:3]})
+    if json_fh:
+        json_fh.close()
+    header = [
+        f"## proxyvpn benchmark ({'quick' if args.quick else 'full'}, proxy: {args.proxy})",
+        "",
+        f"- date: {when}; took {elapsed:.0f} s",
+        f"- command: `{command}`",
+        f"- host: {env['cpus']} CPU ({env['cpu']}), Linux {env['kernel']}, "
+        f"Python {env['python']}, commit {env['commit']}",
+        f"- proxy: {env['proxy']}; {env['redsocks']}",
+        f"- load average at start: {' '.join(env['loadavg'])} (every process of the lab shares "
+        f"these {env['cpus']} CPUs with whatever else runs on the host)",
+    ]
+    print()
+    print(report.markdown(results, header=header, mode_labels=labels))
+    log(f"done in {elapsed:.0f} s")
+    return 1 if failures else 0
