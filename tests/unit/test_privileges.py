@@ -1,0 +1,381 @@
+"""proxyvpn.privileges and the launcher, as far as they can be tested without a setcap'd
+install (that is tests/netns/test_install.py). A few tests need root to drop
+capabilities; they run in child processes so that pytest itself keeps its own."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import stat
+import subprocess
+import sys
+import sysconfig
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from proxyvpn import privileges
+from proxyvpn.errors import PrivilegeError
+
+REPO = Path(__file__).resolve().parents[2]
+ROOT = os.geteuid() == 0
+needs_root = pytest.mark.skipif(not ROOT, reason="needs root (capabilities to drop)")
+
+STATUS = """Name:\tpython3
+Umask:\t0022
+Uid:\t1000\t1000\t1000\t1000
+CapInh:\t0000000000001000
+CapPrm:\t0000000000001000
+CapEff:\t0000000000001000
+CapBnd:\t000001ffffffffff
+CapAmb:\t0000000000001000
+NoNewPrivs:\t1
+Seccomp:\t0
+"""
+
+
+def run_child(code: str, **kw) -> subprocess.CompletedProcess:
+    """Run Python code in a child (with this repo importable); returns the result."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop(privileges.LAUNCHER_ENV, None)
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
+                          text=True, timeout=30, env=env, **kw)
+
+
+# ---------------------------------------------------------------- reading capabilities
+
+
+def test_parse_status():
+    state = privileges.parse_status(STATUS)
+    assert state == privileges.CapState(inheritable=0x1000, permitted=0x1000, effective=0x1000,
+                                        bounding=0x1FFFFFFFFFF, ambient=0x1000, no_new_privs=True)
+    assert state.net_admin_only and state.has_net_admin
+
+
+def test_parse_status_without_ambient_line_and_nothing_held():
+    text = "CapInh:\t0\nCapPrm:\t0\nCapEff:\t0\nCapBnd:\t1fffffffff\n"
+    state = privileges.parse_status(text)
+    assert state.ambient == 0 and not state.no_new_privs
+    assert not state.has_net_admin and not state.net_admin_only
+
+
+def test_parse_status_rejects_text_without_capabilities():
+    with pytest.raises(ValueError, match="CapEff"):
+        privileges.parse_status("Name:\tx\nCapInh:\t0\nCapPrm:\t0\nCapBnd:\t0\n")
+
+
+def test_read_caps_of_this_process_matches_proc():
+    state = privileges.read_caps()
+    text = Path("/proc/self/status").read_text()
+    eff = next(line for line in text.splitlines() if line.startswith("CapEff:"))
+    assert state.effective == int(eff.split()[1], 16)
+
+
+def test_format_caps():
+    assert privileges.format_caps(privileges.NET_ADMIN) == "cap_net_admin"
+    assert privileges.format_caps((1 << 13) | (1 << 12)) == "cap_net_admin,cap_net_raw"
+    assert privileges.format_caps(0) == "none"
+
+
+# ---------------------------------------------------------------- the message
+
+
+def test_missing_cap_message_names_the_launcher(monkeypatch):
+    monkeypatch.setenv(privileges.LAUNCHER_ENV, "/usr/local/bin/proxyvpn")
+    assert privileges.missing_cap_message() == (
+        "CAP_NET_ADMIN is missing: run `sudo setcap cap_net_admin=eip /usr/local/bin/proxyvpn` "
+        "or use sudo")
+
+
+def test_missing_cap_message_ignores_a_python_script_on_path(monkeypatch, tmp_path):
+    """pip's console script is a Python script: a file capability on it would be ignored."""
+    script = tmp_path / "proxyvpn"
+    script.write_text("#!/usr/bin/python3\nimport proxyvpn\n")
+    script.chmod(0o755)
+    monkeypatch.delenv(privileges.LAUNCHER_ENV, raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert privileges.launcher_path() is None
+    assert "/path/to/proxyvpn` or use sudo" in privileges.missing_cap_message()
+
+
+def test_missing_cap_message_finds_a_compiled_launcher_on_path(monkeypatch, tmp_path):
+    binary = tmp_path / "proxyvpn"
+    shutil.copy("/bin/true", binary)
+    monkeypatch.delenv(privileges.LAUNCHER_ENV, raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert privileges.launcher_path() == str(binary)
+
+
+def test_ensure_net_admin_raises_one_line(monkeypatch):
+    monkeypatch.setenv(privileges.LAUNCHER_ENV, "/opt/bin/proxyvpn")
+    monkeypatch.setattr(privileges, "read_caps",
+                        lambda *a: privileges.parse_status(STATUS.replace("0000000000001000", "0")))
+    with pytest.raises(PrivilegeError) as info:
+        privileges.ensure_net_admin()
+    assert str(info.value) == ("CAP_NET_ADMIN is missing: run `sudo setcap cap_net_admin=eip "
+                               "/opt/bin/proxyvpn` or use sudo")
+    assert info.value.exit_code == 77
+
+
+def test_ensure_net_admin_passes_with_the_capability(monkeypatch):
+    monkeypatch.setattr(privileges, "read_caps", lambda *a: privileges.parse_status(STATUS))
+    privileges.ensure_net_admin()
+
+
+# ---------------------------------------------------------------- dropping
+
+
+@pytest.mark.skipif(ROOT, reason="as root CAP_NET_ADMIN is there to keep")
+def test_drop_without_the_capability_is_a_privilege_error():
+    result = run_child("""
+        from proxyvpn import privileges
+        from proxyvpn.errors import PrivilegeError
+        try:
+            privileges.drop_to_net_admin()
+        except PrivilegeError as exc:
+            print("refused:", exc)
+    """)
+    assert "refused: CAP_NET_ADMIN is missing" in result.stdout, result.stderr
+
+
+@needs_root
+def test_drop_as_root_keeps_only_net_admin_for_us_and_children():
+    result = run_child("""
+        import json, os, subprocess, tempfile
+        from proxyvpn import privileges
+        d = tempfile.mkdtemp(); os.chown(d, 65534, 65534); os.chmod(d, 0o700)
+        state = privileges.drop_to_net_admin()
+        child = subprocess.run(["cat", "/proc/self/status"], capture_output=True, text=True,
+                               preexec_fn=privileges.child_preexec).stdout
+        # CAP_DAC_OVERRIDE is gone: root cannot enter another user's private directory.
+        try:
+            os.listdir(d); dac = "kept"
+        except PermissionError:
+            dac = "dropped"
+        finally:
+            os.rmdir(d)  # the parent (/tmp) is ours: removing the entry needs no capability
+        print(json.dumps({"self": state.__dict__, "child": privileges.parse_status(child).__dict__,
+                          "dac": dac}))
+    """)
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    for who in ("self", "child"):
+        state = privileges.CapState(**out[who])
+        assert state.net_admin_only, (who, state)
+        assert state.bounding == privileges.NET_ADMIN, (who, hex(state.bounding))
+        assert state.no_new_privs, who
+    assert out["dac"] == "dropped"
+
+
+@needs_root
+def test_drop_refuses_when_a_thread_already_runs():
+    result = run_child("""
+        import threading, time
+        from proxyvpn import privileges
+        from proxyvpn.errors import PrivilegeError
+        stop = threading.Event()
+        t = threading.Thread(target=stop.wait, daemon=True); t.start()
+        try:
+            privileges.drop_to_net_admin()
+            print("dropped")
+        except PrivilegeError as exc:
+            print("refused:", exc)
+        stop.set()
+    """)
+    assert "refused: thread" in result.stdout and "before threads start" in result.stdout, \
+        result.stdout + result.stderr
+
+
+# ---------------------------------------------------------------- process hygiene
+
+
+def test_child_preexec_sets_parent_death_signal():
+    result = subprocess.run(
+        [sys.executable, "-c", "import prctl; print(prctl.get_pdeathsig())"],
+        preexec_fn=privileges.child_preexec, capture_output=True, text=True, timeout=30)
+    assert result.stdout.strip() == "15", result.stderr
+
+
+def test_set_process_name_and_title_hide_argv_secrets():
+    code = ("from proxyvpn import privileges\n"
+            "privileges.set_process_name('proxyvpn', title='proxyvpn up')\n"
+            "print(open('/proc/self/comm').read().strip())\n"
+            "print(open('/proc/self/cmdline', 'rb').read().rstrip(bytes(1)).decode())\n")
+    result = subprocess.run([sys.executable, "-c", code, "--password", "hunter2-very-secret"],
+                            capture_output=True, text=True, timeout=30,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    comm, cmdline = result.stdout.splitlines()
+    assert comm == "proxyvpn"
+    assert cmdline == "proxyvpn up"
+
+
+def test_scrub_environ(monkeypatch):
+    monkeypatch.setenv("PROXYVPN_PASSWORD", "x")
+    monkeypatch.setenv("PROXYVPN_PROXY_URL", "http://u:p@h:1")
+    monkeypatch.setenv("PROXYVPN_KEEP", "y")
+    privileges.scrub_environ()
+    assert "PROXYVPN_PASSWORD" not in os.environ and "PROXYVPN_PROXY_URL" not in os.environ
+    assert os.environ["PROXYVPN_KEEP"] == "y"
+
+
+# ---------------------------------------------------------------- the launcher (C)
+
+
+def _compile_launcher(out: Path, venv: Path, launcher_path: str = "/opt/pv/bin/proxyvpn") -> Path:
+    python = venv / "bin" / "python3"
+    pyver, stdlib = f"{sys.version_info[0]}.{sys.version_info[1]}", sysconfig.get_path("stdlib")
+    if python.exists():  # the venv's interpreter may not be the one running pytest
+        pyver, stdlib = subprocess.run(
+            [str(python), "-c", "import sys, sysconfig; print(f'{sys.version_info[0]}."
+             "{sys.version_info[1]}', sysconfig.get_path('stdlib'))"],
+            capture_output=True, text=True, check=True).stdout.split()
+    defines = {
+        "PROXYVPN_VENV": str(venv),
+        "PROXYVPN_PYTHON": str(venv / "bin" / "python3"),
+        "PROXYVPN_PACKAGE": str(venv / "lib" / f"python{pyver}" / "site-packages" / "proxyvpn"),
+        "PROXYVPN_STDLIB": stdlib,
+        "PROXYVPN_LAUNCHER": launcher_path,
+    }
+    argv = ["gcc", "-O2", "-Wall", "-Wextra", "-Werror", "-Wformat=2", "-Wshadow",
+            "-Wconversion", "-D_FORTIFY_SOURCE=2", "-o", str(out)]
+    argv += [f"-D{k}=\"{v}\"" for k, v in defines.items()]
+    result = subprocess.run([*argv, str(REPO / "native" / "launcher.c")], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0 and not result.stderr, result.stderr
+    return out
+
+
+needs_gcc = pytest.mark.skipif(shutil.which("gcc") is None, reason="gcc is not installed")
+
+
+@needs_gcc
+def test_launcher_compiles_without_warnings(tmp_path):
+    _compile_launcher(tmp_path / "proxyvpn", tmp_path / "venv")
+
+
+def _fake_install(tmp_path: Path) -> Path:
+    """A venv whose `proxyvpn` package reports what the launcher handed it."""
+    venv = tmp_path / "venv"
+    real_python = os.path.realpath(sys.executable)
+    if not real_python.startswith("/usr/"):
+        real_python = shutil.which("python3", path="/usr/bin") or real_python
+    subprocess.run([real_python, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=60)
+    pyver = subprocess.run([str(venv / "bin" / "python3"), "-c",
+                            "import sys; print(f'{sys.version_info[0]}.{sys.version_info[1]}')"],
+                           capture_output=True, text=True, check=True).stdout.strip()
+    package = venv / "lib" / f"python{pyver}" / "site-packages" / "proxyvpn"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "__main__.py").write_text(textwrap.dedent("""
+        import json, os, sys
+        print(json.dumps({"env": dict(os.environ), "argv": sys.argv[1:],
+                          "isolated": sys.flags.isolated, "prefix": sys.prefix}))
+    """))
+    return venv
+
+
+@needs_gcc
+@pytest.mark.skipif(not ROOT, reason="the fake install must be root-owned")
+def test_launcher_scrubs_environment_and_runs_isolated(tmp_path):
+    os.chmod(tmp_path, 0o755)
+    venv = _fake_install(tmp_path)
+    launcher = _compile_launcher(tmp_path / "proxyvpn", venv)
+    env = {"PATH": "/evil", "PYTHONPATH": "/evil", "LD_PRELOAD": "/evil.so", "HOME": "/evil",
+           "LANG": "C.UTF-8", "LC_ALL": "../../etc/passwd", "LC_TIME": "de_DE.UTF-8",
+           "TERM": "xterm-256color", "PROXYVPN_PASSWORD": "pw", "PROXYVPN_PROXY_URL": "http://h",
+           "PROXYVPN_LAUNCHER": "/evil", "XDG_RUNTIME_DIR": "/evil", "IFS": "x", "X": "y"}
+    result = subprocess.run([str(launcher), "up", "--state-dir", "/tmp/x"], env=env,
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert out["env"] == {
+        "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        "PROXYVPN_LAUNCHER": "/opt/pv/bin/proxyvpn",
+        "LANG": "C.UTF-8", "LC_TIME": "de_DE.UTF-8", "TERM": "xterm-256color",
+        "PROXYVPN_PASSWORD": "pw", "PROXYVPN_PROXY_URL": "http://h",
+    }
+    assert out["argv"] == ["up", "--state-dir", "/tmp/x"]
+    assert out["isolated"] == 1
+    assert out["prefix"] == str(venv)
+
+
+@needs_gcc
+def test_launcher_refuses_an_untrusted_tree(tmp_path):
+    os.chmod(tmp_path, 0o755)
+    venv = _fake_install(tmp_path)
+    launcher = _compile_launcher(tmp_path / "proxyvpn", venv)
+    main = next(venv.rglob("proxyvpn/__main__.py"))
+    if ROOT:  # root owns the tree: make one file writable by a group that is not root's
+        os.chown(main, 0, 100)
+        main.chmod(main.stat().st_mode | stat.S_IWGRP)
+        expected = f"refusing to run: {main} (in the virtual environment) is writable by group 100"
+    else:
+        expected = f"refusing to run: {venv / 'bin' / 'python3'} (interpreter) is owned by uid {os.getuid()}"
+    result = subprocess.run([str(launcher), "--version"], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert result.stderr.startswith("proxyvpn: " + expected), result.stderr
+
+
+@needs_gcc
+@pytest.mark.skipif(not ROOT, reason="the fake install must be root-owned")
+def test_launcher_reports_a_missing_package(tmp_path):
+    os.chmod(tmp_path, 0o755)
+    venv = _fake_install(tmp_path)
+    launcher = _compile_launcher(tmp_path / "proxyvpn", venv)
+    shutil.rmtree(next(venv.rglob("site-packages/proxyvpn")))
+    result = subprocess.run([str(launcher)], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1
+    assert "proxyvpn package" in result.stderr and "No such file or directory" in result.stderr
+    assert "install.sh" in result.stderr
+
+
+# ---------------------------------------------------------------- packaging agrees with the code
+
+
+def test_example_config_is_valid():
+    from proxyvpn.config import build_config, load_config_file
+
+    settings = load_config_file(REPO / "packaging" / "proxyvpn.toml")
+    config = build_config(settings, dry_run=True)
+    assert config.proxy is not None and config.proxy.password is None
+
+
+def test_systemd_unit_holds_only_net_admin_and_uses_real_flags():
+    from proxyvpn.cli import up
+
+    unit = (REPO / "packaging" / "systemd" / "proxyvpn.service").read_text()
+    lines = dict(line.split("=", 1) for line in unit.splitlines()
+                 if "=" in line and not line.startswith("#"))
+    assert lines["CapabilityBoundingSet"] == "CAP_NET_ADMIN"
+    assert lines["AmbientCapabilities"] == "CAP_NET_ADMIN"
+    assert lines["RuntimeDirectory"] == "proxyvpn"
+    assert lines["LoadCredential"] == "password:/etc/proxyvpn/password"
+    argv = shlex.split(lines["ExecStart"])
+    assert argv[:2] == ["/usr/bin/proxyvpn", "up"]
+    assert argv[argv.index("--password-file") + 1] == "${CREDENTIALS_DIRECTORY}/password"
+    assert argv[argv.index("--config") + 1] == "/etc/proxyvpn/proxyvpn.toml"
+    assert argv[argv.index("--state-dir") + 1] == "/run/proxyvpn"
+    known = {opt for param in up.params for opt in param.opts}
+    assert {a for a in argv if a.startswith("--")} <= known
+
+
+def test_install_sh_syntax_and_help():
+    for script in ("install.sh", "packaging/debian/build-deb.sh", "packaging/arch/PKGBUILD",
+                   "packaging/arch/proxyvpn.install"):
+        assert subprocess.run(["bash", "-n", str(REPO / script)]).returncode == 0, script
+    for script in ("postinst", "prerm", "postrm"):
+        assert subprocess.run(["sh", "-n", str(REPO / "packaging" / "debian" / script)]).returncode == 0
+    result = subprocess.run([str(REPO / "install.sh"), "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "sudo ./install.sh uninstall" in result.stdout
+
+
+def test_install_sh_rejects_paths_it_cannot_compile_in():
+    env = {**os.environ, "PREFIX": "/opt/my proxyvpn"}
+    result = subprocess.run([str(REPO / "install.sh"), "build"], env=env, capture_output=True,
+                            text=True, timeout=30)
+    assert result.returncode == 1
+    assert "PREFIX=/opt/my proxyvpn: use an absolute path" in result.stderr
