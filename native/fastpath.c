@@ -56,6 +56,15 @@ static const char *const drop_names[DROP_COUNT] = {
 #define DEFAULT_TTL 64
 #define IPV4_DF 0x4000
 #define MAX_IP_LEN 0xffffu
+/* virtio_net_hdr (include/uapi/linux/virtio_net.h), prepended to every packet read
+ * from or written to a TUN opened with IFF_VNET_HDR. Legacy virtio: fields in the
+ * host's byte order (the TUN is not switched with TUNSETVNETLE/BE). */
+#define VNET_HDR_LEN 10
+#define VNET_F_NEEDS_CSUM 1 /* checksum is partial: only the pseudo-header is summed */
+#define VNET_F_DATA_VALID 2 /* the kernel already verified the checksum */
+#define VNET_GSO_NONE 0
+#define VNET_GSO_TCPV4 1
+#define VNET_GSO_TCPV6 4
 /* read_batch allocates max_packets * bufsize in one go; cap it (same in wire.py). */
 #define READ_BATCH_MAX_BYTES (64LL * 1024 * 1024)
 
@@ -449,29 +458,46 @@ static int parse_packet(const uint8_t *b, size_t n, int verify, parsed_t *r)
 }
 
 PyDoc_STRVAR(parse_doc,
-"parse($module, /, packet, verify_checksum=True)\n--\n\n"
+"parse($module, /, packet, verify_checksum=True, vnet=False)\n--\n\n"
 "Validate one raw IPv4/IPv6 TCP packet. Returns (family, src, dst, sport, dport,\n"
 "seq, ack, flags, window, payload_start, payload_end, mss, wscale, sack_permitted)\n"
-"or a positive DROP_* code; never raises for any bytes.");
+"or a positive DROP_* code; never raises for any bytes. With vnet the packet starts\n"
+"with a 10-byte virtio_net_hdr (offsets stay relative to the whole buffer); when it\n"
+"says NEEDS_CSUM or DATA_VALID the kernel vouches for the TCP checksum, so it is not\n"
+"verified (it holds only the pseudo-header sum).");
 
 static PyObject *fp_parse(PyObject *Py_UNUSED(mod), PyObject *const *args, Py_ssize_t nargs,
                           PyObject *kwnames)
 {
-    static const char *const names[] = {"packet", "verify_checksum"};
-    PyObject *a[2], *res;
+    static const char *const names[] = {"packet", "verify_checksum", "vnet"};
+    PyObject *a[3], *res;
     Py_buffer view;
     parsed_t r;
-    int verify = 1, code;
+    int verify = 1, vnet = 0, code;
+    const uint8_t *b;
+    size_t n, skip = 0;
 
-    if (get_args("parse", names, 2, 1, args, nargs, kwnames, a) < 0)
+    if (get_args("parse", names, 3, 1, args, nargs, kwnames, a) < 0)
         return NULL;
     if (PyObject_GetBuffer(a[0], &view, PyBUF_SIMPLE) < 0)
         return NULL;
-    if (a[1] != NULL && (verify = PyObject_IsTrue(a[1])) < 0) {
+    if ((a[1] != NULL && (verify = PyObject_IsTrue(a[1])) < 0) ||
+        (a[2] != NULL && (vnet = PyObject_IsTrue(a[2])) < 0)) {
         PyBuffer_Release(&view);
         return NULL;
     }
-    code = parse_packet((const uint8_t *)view.buf, (size_t)view.len, verify, &r);
+    b = (const uint8_t *)view.buf;
+    n = (size_t)view.len;
+    if (vnet) {
+        if (n < VNET_HDR_LEN) {
+            PyBuffer_Release(&view);
+            return PyLong_FromLong(DROP_TRUNCATED);
+        }
+        if (b[0] & (VNET_F_NEEDS_CSUM | VNET_F_DATA_VALID))
+            verify = 0;
+        skip = VNET_HDR_LEN;
+    }
+    code = parse_packet(b + skip, n - skip, verify, &r);
     if (code != DROP_OK) {
         res = PyLong_FromLong(code);
     } else {
@@ -480,8 +506,8 @@ static PyObject *fp_parse(PyObject *Py_UNUSED(mod), PyObject *const *args, Py_ss
                             PyBytes_FromStringAndSize((const char *)r.src, (Py_ssize_t)r.alen),
                             PyBytes_FromStringAndSize((const char *)r.dst, (Py_ssize_t)r.alen),
                             r.sport, r.dport, (unsigned long)r.seq, (unsigned long)r.ack,
-                            r.flags, r.window, (Py_ssize_t)r.payload_start,
-                            (Py_ssize_t)r.payload_end, (int)r.mss, r.wscale,
+                            r.flags, r.window, (Py_ssize_t)(r.payload_start + skip),
+                            (Py_ssize_t)(r.payload_end + skip), (int)r.mss, r.wscale,
                             r.sack ? Py_True : Py_False);
     }
     PyBuffer_Release(&view);
@@ -580,16 +606,37 @@ static inline size_t max_tcp_len(int family) { return family == 4 ? MAX_IP_LEN -
  * once, checksums computed over the finished bytes (still hot in cache). The caller
  * guarantees the sizes fit. */
 static PyObject *emit(const flow_t *f, uint32_t seq, unsigned flags, const uint8_t *opts,
-                      size_t optlen, const uint8_t *payload, size_t paylen)
+                      size_t optlen, const uint8_t *payload, size_t paylen, long gso_size)
 {
     size_t ip_hlen = f->family == 4 ? 20 : 40;
     size_t thl = 20 + optlen, tcp_len = thl + paylen, total = ip_hlen + tcp_len;
-    PyObject *pkt = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)total);
+    size_t vlen = gso_size >= 0 ? VNET_HDR_LEN : 0;
+    PyObject *pkt = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(vlen + total));
     uint8_t *p, *t;
 
     if (pkt == NULL)
         return NULL;
     p = (uint8_t *)PyBytes_AS_STRING(pkt);
+    if (vlen) {
+        /* Checksum offload: the kernel treats CHECKSUM_PARTIAL as verified on local
+         * delivery and completes it if the packet leaves a real NIC, so the payload is
+         * never summed here. A segment larger than gso_size (the app's MSS) goes as one
+         * GSO packet: the kernel takes 64 KiB in one write and splits it only if it
+         * must (forwarding); local TCP receives it whole, like a GRO packet. */
+        uint16_t v;
+        int gso = gso_size > 0 && paylen > (size_t)gso_size;
+        p[0] = VNET_F_NEEDS_CSUM;
+        p[1] = gso ? (f->family == 4 ? VNET_GSO_TCPV4 : VNET_GSO_TCPV6) : VNET_GSO_NONE;
+        v = (uint16_t)(ip_hlen + thl);
+        memcpy(p + 2, &v, 2);
+        v = (uint16_t)(gso ? gso_size : 0);
+        memcpy(p + 4, &v, 2);
+        v = (uint16_t)ip_hlen;
+        memcpy(p + 6, &v, 2);
+        v = 16; /* offsetof(struct tcphdr, check) */
+        memcpy(p + 8, &v, 2);
+        p += vlen;
+    }
     if (f->family == 4) {
         p[0] = 0x45; /* version 4, IHL 5 */
         p[1] = 0;    /* TOS */
@@ -624,30 +671,36 @@ static PyObject *emit(const flow_t *f, uint32_t seq, unsigned flags, const uint8
         memcpy(t + 20, opts, optlen);
     if (paylen)
         memcpy(t + thl, payload, paylen);
-    put16(t + 16, inet_csum(t, tcp_len, f->pseudo + tcp_len));
+    if (vlen) /* partial: the folded pseudo-header sum, not complemented */
+        put16(t + 16, fold16(f->pseudo + tcp_len));
+    else
+        put16(t + 16, inet_csum(t, tcp_len, f->pseudo + tcp_len));
     return pkt;
 }
 
 PyDoc_STRVAR(build_doc,
 "build($module, /, family, src, dst, sport, dport, seq, ack, flags, window,\n"
-"      payload=b'', mss=0, wscale=-1, sack_permitted=False)\n--\n\n"
+"      payload=b'', mss=0, wscale=-1, sack_permitted=False, gso_size=-1)\n--\n\n"
 "One complete IP+TCP packet with correct checksums. Options: MSS 02 04 hi lo\n"
-"(mss > 0), then 01 01 04 02 (sack_permitted), then 01 03 03 shift (wscale >= 0).");
+"(mss > 0), then 01 01 04 02 (sack_permitted), then 01 03 03 shift (wscale >= 0).\n"
+"gso_size >= 0: prefix a virtio_net_hdr for an IFF_VNET_HDR TUN, leave the TCP\n"
+"checksum partial (NEEDS_CSUM), and mark a payload longer than gso_size (> 0) as\n"
+"TCP GSO with that segment size.");
 
 static PyObject *fp_build(PyObject *Py_UNUSED(mod), PyObject *const *args, Py_ssize_t nargs,
                           PyObject *kwnames)
 {
     static const char *const names[] = {"family", "src", "dst", "sport", "dport",
                                         "seq", "ack", "flags", "window", "payload",
-                                        "mss", "wscale", "sack_permitted"};
-    PyObject *a[13], *res = NULL;
+                                        "mss", "wscale", "sack_permitted", "gso_size"};
+    PyObject *a[14], *res = NULL;
     build_args_t b;
-    long long mss = 0, wscale = -1;
+    long long mss = 0, wscale = -1, gso_size = -1;
     int sack = 0;
     uint8_t opts[12];
     size_t optlen = 0, paylen;
 
-    if (get_args("build", names, 13, 9, args, nargs, kwnames, a) < 0)
+    if (get_args("build", names, 14, 9, args, nargs, kwnames, a) < 0)
         return NULL;
     if (get_build_args(a, &b) < 0)
         goto done;
@@ -657,6 +710,8 @@ static PyObject *fp_build(PyObject *Py_UNUSED(mod), PyObject *const *args, Py_ss
     if (a[11] != NULL && get_int(a[11], -1, 14, "wscale", &wscale) < 0)
         goto done;
     if (a[12] != NULL && (sack = PyObject_IsTrue(a[12])) < 0)
+        goto done;
+    if (a[13] != NULL && get_int(a[13], -1, 0xffff, "gso_size", &gso_size) < 0)
         goto done;
     if (mss > 0) {
         opts[optlen++] = 2;
@@ -682,7 +737,7 @@ static PyObject *fp_build(PyObject *Py_UNUSED(mod), PyObject *const *args, Py_ss
         goto done;
     }
     res = emit(&b.f, b.seq, b.flags, opts, optlen,
-               b.have_payload ? (const uint8_t *)b.payload.buf : NULL, paylen);
+               b.have_payload ? (const uint8_t *)b.payload.buf : NULL, paylen, (long)gso_size);
 done:
     release_build_args(&b);
     return res;
@@ -730,7 +785,7 @@ static PyObject *fp_build_many(PyObject *Py_UNUSED(mod), PyObject *const *args,
         size_t len = total - off < (size_t)mss ? total - off : (size_t)mss;
         /* Sequence space wraps modulo 2**32 (RFC 9293 §3.4). */
         PyObject *pkt = emit(&b.f, b.seq + (uint32_t)off, i + 1 == nseg ? b.flags : mid_flags,
-                             NULL, 0, len ? data + off : NULL, len);
+                             NULL, 0, len ? data + off : NULL, len, -1);
         if (pkt == NULL) {
             Py_CLEAR(list);
             goto done;
@@ -935,6 +990,7 @@ static int fp_exec(PyObject *m)
         {"DROP_BAD_OPTIONS", DROP_BAD_OPTIONS},
         {"DROP_BAD_ADDRESS", DROP_BAD_ADDRESS},
         {"READ_BATCH_MAX_BYTES", (long)READ_BATCH_MAX_BYTES},
+        {"VNET_HDR_LEN", VNET_HDR_LEN},
     };
     PyObject *reasons;
     size_t i;

@@ -26,13 +26,14 @@ DROP_BAD_OPTIONS: Final[int]
 DROP_BAD_ADDRESS: Final[int]
 DROP_REASONS: Final[tuple[str, ...]]
 READ_BATCH_MAX_BYTES: Final[int]
+VNET_HDR_LEN: Final[int]
 
 # (family, src, dst, sport, dport, seq, ack, flags, window,
 #  payload_start, payload_end, mss, wscale, sack_permitted)
 ParseResult = tuple[int, bytes, bytes, int, int, int, int, int, int, int, int, int, int, bool]
 
 def checksum(data: Buffer, initial: int = 0) -> int: ...
-def parse(packet: Buffer, verify_checksum: bool = True) -> ParseResult | int: ...
+def parse(packet: Buffer, verify_checksum: bool = True, vnet: bool = False) -> ParseResult | int: ...
 def build(
     family: int,
     src: Buffer,
@@ -47,6 +48,7 @@ def build(
     mss: int = 0,
     wscale: int = -1,
     sack_permitted: bool = False,
+    gso_size: int = -1,
 ) -> bytes: ...
 def build_many(
     family: int,

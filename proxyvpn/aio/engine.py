@@ -16,6 +16,7 @@ import logging
 import os
 import secrets
 import signal
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -38,10 +39,14 @@ class Engine:
     """Owns the flow table and drives every TcpConnection from TUN packets and timers."""
 
     def __init__(self, config: Config, endpoint: ProxyEndpoint, tun_fd: int,
-                 *, pcap_path: Path | None = None) -> None:
+                 *, vnet: bool = False, pcap_path: Path | None = None) -> None:
         self.config = config
         self.endpoint = endpoint
         self.fd = tun_fd
+        self.vnet = vnet
+        """The TUN has IFF_VNET_HDR + offload: 64 KiB segments both ways (system/tun.py)."""
+        self._ctl_gso = 0 if vnet else -1
+        self._read_size = 65536 + (64 if vnet else 0)  # an IPv6 GSO packet may exceed 64 KiB a little
         self.wire = fast.select(pure=config.pure_python)
         self.params = TcpParams(mss=config.mtu - 60 if config.ipv6 else config.mtu - 40)
         self.flows: dict[tuple[bytes, int, bytes, int], Flow] = {}
@@ -55,7 +60,7 @@ class Engine:
         self._flush_scheduled = False
         self._auth_reported = False
         self._loop = asyncio.get_running_loop()
-        self._pcap = _open_pcap(pcap_path) if pcap_path else None
+        self._pcap = _open_pcap(pcap_path, self.wire if vnet else None) if pcap_path else None
         self._seq = 0
 
     # ------------------------------------------------------------------ TUN input
@@ -78,7 +83,7 @@ class Engine:
 
     def _on_readable(self) -> None:
         try:
-            packets = self.wire.read_batch(self.fd, READ_BATCH, 65536)
+            packets = self.wire.read_batch(self.fd, READ_BATCH, self._read_size)
         except OSError as exc:
             log.error("reading the TUN failed: %s", exc)
             self.stats["tun_read_errors"] += 1
@@ -92,7 +97,7 @@ class Engine:
         self.stats["packets_in"] += 1
         if self._pcap:
             self._pcap.writepkt(packet, time.time())
-        parsed = self.wire.parse(packet)
+        parsed = self.wire.parse(packet, vnet=self.vnet)
         if type(parsed) is int:
             self.stats["drop_" + self.wire.DROP_REASONS[parsed].lower()] += 1
             return
@@ -122,7 +127,8 @@ class Engine:
         reply = reset_for(seq, ack, flags, end - start)
         if reply is not None:
             rseq, rack, rflags = reply
-            self._out.append(self.wire.build(family, dst, src, dport, sport, rseq, rack, rflags, 0))
+            self._out.append(self.wire.build(family, dst, src, dport, sport, rseq, rack, rflags, 0,
+                                             gso_size=self._ctl_gso))
             self.stats["resets_sent"] += 1
 
     # ------------------------------------------------------------------ flows
@@ -130,11 +136,19 @@ class Engine:
     def _open_flow(self, parsed: tuple, key: tuple, now: float) -> None:
         (family, src, dst, sport, dport, seq, ack, flags, window,
          start, end, mss, wscale, sack_ok) = parsed
+        gso_size = -1
+        if self.vnet:
+            # The app's MSS bounds what its kernel wants per packet on the wire, not per
+            # write into the TUN: we send segments as large as our own MSS and let the
+            # kernel cut them to the app's MSS where it must (GSO; local TCP takes them
+            # whole). RFC 9293 §3.7.1 defaults to 536 without the option.
+            gso_size = min(mss or 536, self.params.mss)
+            mss = self.params.mss
         conn = TcpConnection(self.params, iss=secrets.randbits(32), irs=seq, peer_window=window,
                              peer_mss=mss, peer_wscale=wscale, peer_sack_permitted=bool(sack_ok),
                              now=now)
         dst_ip = str(ipaddress.ip_address(dst))
-        flow = Flow(self, key, family, conn, dst_ip, dport)
+        flow = Flow(self, key, family, conn, dst_ip, dport, gso_size)
         self.flows[key] = flow
         self.stats["flows_opened"] += 1
         flow.task = self._loop.create_task(self._connect(flow))
@@ -214,8 +228,9 @@ class Engine:
             dirty, self._dirty = self._dirty, {}
             for flow in dirty:
                 family, (src, sport, dst, dport) = flow.family, flow.key
+                gso_size = flow.gso_size
                 for seg in flow.conn.segments_to_send(now):
-                    out.append(build(family, dst, src, dport, sport, *seg))
+                    out.append(build(family, dst, src, dport, sport, *seg, gso_size=gso_size))
                 deadline = flow.conn.next_timer()
                 if deadline is not None and deadline != flow.timer_at:
                     flow.timer_at = deadline
@@ -304,7 +319,10 @@ class Engine:
         return stats
 
 
-def _open_pcap(path: Path) -> Any:
+def _open_pcap(path: Path, vnet_wire: Any = None) -> Any:
+    """A pcap writer of raw IP packets. With `vnet_wire` (an offloaded TUN) each packet's
+    virtio_net_hdr is stripped and a partial TCP checksum completed, so that Wireshark
+    sees what the kernel on the other side sees."""
     import dpkt
 
     fh = open(path, "wb")  # noqa: SIM115 (closed in Engine.stop)
@@ -313,6 +331,8 @@ def _open_pcap(path: Path) -> Any:
 
     class _Pcap:
         def writepkt(self, packet: bytes, stamp: float) -> None:
+            if vnet_wire is not None:
+                packet = _complete_vnet(packet, vnet_wire)
             writer.writepkt(packet, ts=stamp)
 
         def close(self) -> None:
@@ -321,13 +341,28 @@ def _open_pcap(path: Path) -> Any:
     return _Pcap()
 
 
+def _complete_vnet(packet: bytes, wire: Any) -> bytes:
+    """The bare IP packet behind a virtio_net_hdr, with a NEEDS_CSUM checksum completed
+    (csum_start/csum_offset say where: RFC 1071 sum from start, stored at offset)."""
+    n = wire.VNET_HDR_LEN
+    if len(packet) < n:
+        return packet
+    flags = packet[0]
+    ip = bytearray(packet[n:])
+    start = int.from_bytes(packet[6:8], sys.byteorder)
+    offset = int.from_bytes(packet[8:10], sys.byteorder)
+    if flags & 1 and start + offset + 2 <= len(ip):
+        ip[start + offset:start + offset + 2] = wire.checksum(ip[start:]).to_bytes(2, "big")
+    return bytes(ip)
+
+
 async def run_engine(config: Config, plan: Any, tun: Any, state_dir: Path) -> str:
     """Run until SIGINT/SIGTERM; returns why it stopped."""
     assert config.proxy is not None
     endpoint = ProxyEndpoint(scheme=config.proxy.scheme, host=config.proxy.host,
                              port=config.proxy.port, addresses=tuple(plan.proxy_ips),
                              credentials=config.proxy.credentials)
-    engine = Engine(config, endpoint, tun.fd, pcap_path=config.pcap)
+    engine = Engine(config, endpoint, tun.fd, vnet=tun.vnet, pcap_path=config.pcap)
     loop = asyncio.get_running_loop()
     stopped = asyncio.get_running_loop().create_future()
     for signum in (signal.SIGINT, signal.SIGTERM):

@@ -37,11 +37,14 @@ class Flow:
     """Glue between one TcpConnection and one TunnelProtocol (it is the tunnel's sink)."""
 
     __slots__ = ("engine", "key", "family", "conn", "dst_host", "dst_port", "tunnel", "task",
-                 "pending", "pending_eof", "timer_at", "log", "_closed", "_reading_paused", "_fin_queued", "last_rx", "_eof_timer")
+                 "pending", "pending_eof", "timer_at", "log", "_closed", "_reading_paused", "_fin_queued", "last_rx", "_eof_timer", "gso_size")
 
     def __init__(self, engine: Engine, key: tuple[bytes, int, bytes, int], family: int,
-                 conn: TcpConnection, dst_host: str, dst_port: int) -> None:
+                 conn: TcpConnection, dst_host: str, dst_port: int, gso_size: int = -1) -> None:
         self.engine = engine
+        self.gso_size = gso_size
+        """For build(): -1 plain packets; else the app's MSS, the size the kernel cuts our
+        larger segments to if it must (offloaded TUN)."""
         self.key = key
         self.family = family
         self.conn = conn

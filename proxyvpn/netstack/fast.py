@@ -40,6 +40,7 @@ __all__ = [
     "RST",
     "SYN",
     "URG",
+    "VNET_HDR_LEN",
     "build",
     "build_many",
     "checksum",
@@ -94,6 +95,7 @@ DROP_BAD_OPTIONS: int = _impl.DROP_BAD_OPTIONS
 DROP_BAD_ADDRESS: int = _impl.DROP_BAD_ADDRESS
 DROP_REASONS: tuple[str, ...] = _impl.DROP_REASONS
 READ_BATCH_MAX_BYTES: int = _impl.READ_BATCH_MAX_BYTES
+VNET_HDR_LEN: int = _impl.VNET_HDR_LEN
 
 checksum = _impl.checksum
 parse = _impl.parse

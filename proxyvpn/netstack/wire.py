@@ -53,6 +53,7 @@ __all__ = [
     "FIN",
     "PSH",
     "READ_BATCH_MAX_BYTES",
+    "VNET_HDR_LEN",
     "RST",
     "SYN",
     "URG",
@@ -103,6 +104,14 @@ DROP_REASONS: tuple[str, ...] = (
 
 #: read_batch() refuses max_packets * bufsize above this (it is one allocation in C).
 READ_BATCH_MAX_BYTES = 64 * 1024 * 1024
+
+VNET_HDR_LEN = 10
+"""sizeof(struct virtio_net_hdr): the prefix of every packet on an IFF_VNET_HDR TUN."""
+_VNET_HDR = struct.Struct("=BBHHHH")  # flags, gso_type, hdr_len, gso_size, csum_start/offset
+_VNET_F_NEEDS_CSUM = 1
+_VNET_F_DATA_VALID = 2
+_VNET_GSO_TCPV4 = 1
+_VNET_GSO_TCPV6 = 4
 
 _PROTO_TCP = 6
 _IPV6_EXT_SKIP = frozenset((0, 43, 60))  # hop-by-hop, routing, destination options
@@ -210,15 +219,35 @@ def checksum(data: object, initial: int = 0) -> int:
 # --------------------------------------------------------------------------- parse
 
 
-def parse(packet: object, verify_checksum: bool = True) -> ParseResult | int:
+def parse(packet: object, verify_checksum: bool = True, vnet: bool = False) -> ParseResult | int:
     """Validate one raw IPv4/IPv6 TCP packet.
 
     Returns ``(family, src, dst, sport, dport, seq, ack, flags, window, payload_start,
     payload_end, mss, wscale, sack_permitted)`` or a positive ``DROP_*`` code. Never
     raises for any bytes; TypeError/BufferError only for a non-buffer argument.
+
+    ``vnet``: the packet starts with a virtio_net_hdr (IFF_VNET_HDR TUN); the offsets
+    stay relative to the whole buffer. Its NEEDS_CSUM / DATA_VALID flags mean the local
+    kernel vouches for the TCP checksum (it holds only the pseudo-header sum), so it is
+    not verified.
     """
     buf = _view(packet)
     verify = bool(verify_checksum)
+    if vnet:
+        if len(buf) < VNET_HDR_LEN:
+            return DROP_TRUNCATED
+        if buf[0] & (_VNET_F_NEEDS_CSUM | _VNET_F_DATA_VALID):
+            verify = False
+        result = _parse_ip(buf[VNET_HDR_LEN:], verify)
+        if type(result) is int:
+            return result
+        return (*result[:9], result[9] + VNET_HDR_LEN, result[10] + VNET_HDR_LEN,
+                *result[11:])  # type: ignore[return-value]
+    return _parse_ip(buf, verify)
+
+
+def _parse_ip(buf: memoryview, verify: bool) -> ParseResult | int:
+    """parse() of a bare IP packet."""
     n = len(buf)
     if n < 1:
         return DROP_TRUNCATED
@@ -390,8 +419,10 @@ def _emit(
     window: int,
     opts: bytes,
     payload: memoryview,
+    gso_size: int = -1,
 ) -> bytes:
-    """Assemble one validated packet with both checksums filled in."""
+    """Assemble one validated packet with both checksums filled in (the TCP one partial,
+    after a virtio_net_hdr, when gso_size >= 0)."""
     thl = 20 + len(opts)
     tcp_len = thl + len(payload)
     ip_hlen = 20 if family == 4 else 40
@@ -405,6 +436,15 @@ def _emit(
     struct.pack_into("!IIBBH", pkt, ip_hlen + 4, seq, ack, (thl // 4) << 4, flags, window)
     pkt[ip_hlen + 20 : ip_hlen + thl] = opts
     pkt[ip_hlen + thl :] = payload
+    if gso_size >= 0:
+        # Partial checksum (CHECKSUM_PARTIAL): the folded pseudo-header sum, which is
+        # never 0 (the protocol number is in it), hence 0xFFFF minus its complement.
+        partial = 0xFFFF - _fold(_pseudo_sum(src, dst, tcp_len))
+        pkt[ip_hlen + 16 : ip_hlen + 18] = partial.to_bytes(2, "big")
+        gso = 0 < gso_size < len(payload)
+        gso_type = (_VNET_GSO_TCPV4 if family == 4 else _VNET_GSO_TCPV6) if gso else 0
+        return _VNET_HDR.pack(_VNET_F_NEEDS_CSUM, gso_type, ip_hlen + thl,
+                              gso_size if gso else 0, ip_hlen, 16) + pkt
     csum = _fold(_sum_bytes(memoryview(pkt)[ip_hlen:]) + _pseudo_sum(src, dst, tcp_len))
     pkt[ip_hlen + 16 : ip_hlen + 18] = csum.to_bytes(2, "big")
     return bytes(pkt)
@@ -424,12 +464,18 @@ def build(
     mss: int = 0,
     wscale: int = -1,
     sack_permitted: bool = False,
+    gso_size: int = -1,
 ) -> bytes:
     """One complete IP+TCP packet with correct checksums.
 
     IPv4: IHL 5, TOS 0, ID 0, DF, TTL 64. IPv6: class 0, flow label 0, hop limit 64.
     Options as in _tcp_options(); urgent pointer 0. ValueError for out-of-range
     fields (wscale must be -1..14, RFC 7323 §2.3), TypeError for wrong types.
+
+    ``gso_size >= 0``: for an IFF_VNET_HDR TUN. The packet gets a virtio_net_hdr
+    prefix and a partial TCP checksum (NEEDS_CSUM: the kernel takes CHECKSUM_PARTIAL
+    as verified for local delivery and completes it if the packet is forwarded), and a
+    payload longer than ``gso_size`` (> 0, the app's MSS) is marked TCP GSO.
     """
     fam, s, d = _addresses(family, src, dst)
     sp = _int(sport, 0, 0xFFFF, "sport")
@@ -442,10 +488,11 @@ def build(
     ms = _int(mss, 0, 0xFFFF, "mss")
     ws = _int(wscale, -1, 14, "wscale")
     sack = bool(sack_permitted)
+    gso = _int(gso_size, -1, 0xFFFF, "gso_size")
     opts = _tcp_options(ms, ws, sack)
     if 20 + len(opts) + len(pl) > _max_tcp_len(fam):
         raise ValueError("payload too long for the IP length field")
-    return _emit(fam, s, d, struct.pack("!HH", sp, dp), sq, ak, fl, win, opts, pl)
+    return _emit(fam, s, d, struct.pack("!HH", sp, dp), sq, ak, fl, win, opts, pl, gso)
 
 
 def build_many(

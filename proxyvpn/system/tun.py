@@ -22,6 +22,10 @@ except ImportError:  # pragma: no cover - the dependency is declared; keep the e
     TunTapDevice = None  # type: ignore[assignment,misc]
     IFF_TUN, IFF_NO_PI, IFF_TUN_EXCL = 0x0001, 0x1000, 0x8000
 
+IFF_VNET_HDR = 0x4000
+TUNSETOFFLOAD = 0x400454D0  # _IOW('T', 208, unsigned int)
+TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6 = 0x01, 0x02, 0x04
+
 
 def link_exists(name: str) -> bool:
     """An interface of that name exists in our network namespace (SIOCGIFINDEX)."""
@@ -40,6 +44,9 @@ class TunHandle:
     """Interface name the kernel gave the device."""
     fd: int
     """Non-blocking file descriptor: read() returns one IP packet, write() sends one."""
+    vnet: bool
+    """Every packet read or written starts with a virtio_net_hdr, and the kernel hands
+    over (and takes) 64 KiB TCP segments with partial checksums (TSO/GSO offload)."""
     _device: object = field(repr=False)
     """The pytun_pmd3 TunTapDevice owning the fd (kept so it is not garbage collected)."""
 
@@ -68,9 +75,21 @@ def _set_txqueuelen(name: str, qlen: int) -> None:
         fcntl.ioctl(sock, 0x8943, struct.pack("16si12x", name.encode(), qlen))
 
 
-def open_tun(name: str, mtu: int) -> TunHandle:
+def _enable_offload(fd: int) -> None:
+    """TUNSETOFFLOAD: the TUN device then advertises checksum offload and TSO, so the app's
+    socket passes 64 KiB GSO skbs (gso_size = its MSS) straight to us instead of the
+    kernel cutting them into 1,460-byte packets first. The app's MSS stays what its
+    original route (the physical interface) gave it; only the number of packets per byte
+    changes."""
+    fcntl.ioctl(fd, TUNSETOFFLOAD, TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6)
+
+
+def open_tun(name: str, mtu: int, offload: bool = True) -> TunHandle:
     """Create TUN `name` with `mtu`. Refuses (OSError EEXIST) if a link of that name exists:
-    TUNSETIFF would otherwise attach us to someone else's persistent TUN."""
+    TUNSETIFF would otherwise attach us to someone else's persistent TUN.
+
+    `offload`: open it with IFF_VNET_HDR and TSO/checksum offload (see TunHandle.vnet);
+    a kernel that refuses falls back to plain packets, logged."""
     if TunTapDevice is None:
         raise OSError(errno.ENOSYS, "the pytun_pmd3 module is not installed")
     if link_exists(name):
@@ -78,7 +97,8 @@ def open_tun(name: str, mtu: int) -> TunHandle:
     try:
         # IFF_TUN_EXCL makes the kernel itself refuse an existing device (EBUSY), closing
         # the window between the check above and TUNSETIFF.
-        device = TunTapDevice(name, flags=IFF_TUN | IFF_NO_PI | IFF_TUN_EXCL)
+        flags = IFF_TUN | IFF_NO_PI | IFF_TUN_EXCL | (IFF_VNET_HDR if offload else 0)
+        device = TunTapDevice(name, flags=flags)
     except OSError as exc:
         if exc.errno == errno.EBUSY:
             raise OSError(errno.EEXIST,
@@ -90,10 +110,19 @@ def open_tun(name: str, mtu: int) -> TunHandle:
         fd = device.fileno()
         _set_txqueuelen(name, TUN_TXQUEUELEN)
         fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_NONBLOCK)
+        vnet = offload
+        if offload:
+            try:
+                _enable_offload(fd)
+            except OSError as exc:
+                # The vnet header stays (IFF_VNET_HDR is fixed at TUNSETIFF); without
+                # TSO the kernel just sends MSS-sized packets behind it.
+                log.warning("TUN offload unavailable on %s (%s): using MSS-sized packets",
+                            name, os.strerror(exc.errno or errno.EIO))
     except OSError as exc:
         device.close()
         raise OSError(exc.errno or errno.EIO,
                       f"cannot set MTU {mtu} on {name}: {os.strerror(exc.errno or errno.EIO)}"
                       ) from exc
-    log.debug("opened TUN %s (fd %d, mtu %d)", device.name, fd, mtu)
-    return TunHandle(device.name, fd, device)
+    log.debug("opened TUN %s (fd %d, mtu %d, offload %s)", device.name, fd, mtu, vnet)
+    return TunHandle(device.name, fd, vnet, device)

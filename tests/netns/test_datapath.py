@@ -178,3 +178,31 @@ def test_ipv6_loss_reorder_duplication(lab):
         assert point.ipv6 >= point.seen * 0.99, st.summary()
     assert through_proxy(lab, SERVER6) or through_proxy(lab, f"[{SERVER6}]")
     assert lab.stop_vpn() == 0
+
+
+def _tun_counters(lab) -> dict[str, int]:
+    names = ("rx_bytes", "rx_packets", "tx_bytes", "tx_packets")
+    out = lab.client.run("cat", *(f"/sys/class/net/tun0/statistics/{n}" for n in names))
+    return dict(zip(names, map(int, out.stdout.split()), strict=True))
+
+
+def test_offload_moves_64k_segments_both_ways(lab):
+    """TSO/GSO on the TUN (system/tun.py): the app's kernel hands proxyvpn 64 KiB segments
+    (tx on tun0) and takes 64 KiB GSO segments back (rx on tun0), although the app's MSS
+    is the veth's 1460 bytes. Without offload every data packet is at most 1,500 bytes."""
+    lab.start_server()
+    lab.start_vpn()
+    averages = {}
+    for direction, counter in (("--up", "tx"), ("--down", "rx")):
+        before = _tun_counters(lab)
+        client_json(lab, "--host", SERVER4, direction, str(32 * MB))
+        after = _tun_counters(lab)
+        moved = after[f"{counter}_bytes"] - before[f"{counter}_bytes"]
+        packets = after[f"{counter}_packets"] - before[f"{counter}_packets"]
+        assert moved > 32 * MB, (direction, moved)
+        averages[direction] = moved / packets
+    # Upload: the app's kernel sends up to 64 KiB at a time. Download: our segments are
+    # as large as what the proxy socket delivered at once (often 16 KiB from squid), so
+    # the bar is twice the largest packet an app MSS of 1460 would allow.
+    assert averages["--up"] > 16384 and averages["--down"] > 3000, averages
+    assert lab.stop_vpn() == 0
