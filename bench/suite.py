@@ -177,7 +177,9 @@ class Runner:
 
     def run_latency(self, mode: Mode) -> None:
         log(f"{mode.name}: request/response latency")
-        out = self.client(mode, "lat", "--count", str(self.settings.rr_count), "--size", "100")
+        profiler = self.profile("rr") if self.profile and mode.name == "proxyvpn" else None
+        with profiler or contextlib.nullcontext():
+            out = self.client(mode, "lat", "--count", str(self.settings.rr_count), "--size", "100")
         if not out.get("ok"):
             for fig in ("rr_p50", "rr_p99"):
                 self.record(mode, fig, None, error=out.get("error"))
@@ -189,7 +191,8 @@ class Runner:
     def run_cps(self, mode: Mode) -> None:
         s = self.settings
         log(f"{mode.name}: connections per second ({s.cps_clients} clients, {s.cps_seconds:g} s)")
-        with self.cpu_meter(mode) as meter:
+        profiler = self.profile("cps_64") if self.profile and mode.name == "proxyvpn" else None
+        with profiler or contextlib.nullcontext(), self.cpu_meter(mode) as meter:
             out = self.client(mode, "rr", "--conns", str(s.cps_clients), "--seconds",
                               str(s.cps_seconds), "--req", "100", "--resp", "100")
         if not out.get("ok"):

@@ -804,15 +804,17 @@ PyDoc_STRVAR(read_batch_doc,
 "Read up to max_packets packets (one read() each) from a non-blocking fd until\n"
 "EAGAIN or a 0-byte read. Other errors raise OSError unless packets were read.");
 
+/* Packets up to this size are copied out of the reusable read buffer; larger ones are
+ * read straight into the bytes object that is returned (shrunk in place), which saves
+ * a 64 KiB memcpy per offloaded segment. */
+#define READ_COPY_MAX 4096
+
 static PyObject *fp_read_batch(PyObject *Py_UNUSED(mod), PyObject *const *args,
                                Py_ssize_t nargs, PyObject *kwnames)
 {
     static const char *const names[] = {"fd", "max_packets", "bufsize"};
-    PyObject *a[3], *list;
+    PyObject *a[3], *list, *buf = NULL;
     long long fd, max_packets, bufsize;
-    uint8_t *buf;
-    ssize_t *lens;
-    Py_ssize_t n = 0, i;
     int err = 0;
 
     if (get_args("read_batch", names, 3, 3, args, nargs, kwnames, a) < 0)
@@ -826,55 +828,54 @@ static PyObject *fp_read_batch(PyObject *Py_UNUSED(mod), PyObject *const *args,
         PyErr_SetString(PyExc_ValueError, "max_packets * bufsize exceeds READ_BATCH_MAX_BYTES");
         return NULL;
     }
-    buf = malloc((size_t)(max_packets * bufsize));
-    lens = malloc((size_t)max_packets * sizeof(*lens));
-    if (buf == NULL || lens == NULL) {
-        free(buf);
-        free(lens);
-        return PyErr_NoMemory();
-    }
+    list = PyList_New(0);
+    if (list == NULL)
+        return NULL;
+    while (PyList_GET_SIZE(list) < max_packets) {
+        ssize_t r;
+        PyObject *pkt;
 
-    Py_BEGIN_ALLOW_THREADS
-    while (n < max_packets) {
-        ssize_t r = read((int)fd, buf + (size_t)n * (size_t)bufsize, (size_t)bufsize);
-        if (r < 0) {
+        if (buf == NULL && (buf = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)bufsize)) == NULL)
+            goto fail;
+        Py_BEGIN_ALLOW_THREADS
+        do {
             /* EINTR: retry (PEP 475). The fd is non-blocking, so this never waits
              * long enough for a delayed signal handler to matter. */
-            if (errno == EINTR)
-                continue;
-            if (errno != EAGAIN && errno != EWOULDBLOCK)
-                err = errno;
+            r = read((int)fd, PyBytes_AS_STRING(buf), (size_t)bufsize);
+        } while (r < 0 && errno == EINTR);
+        if (r < 0 && errno != EAGAIN && errno != EWOULDBLOCK)
+            err = errno;
+        Py_END_ALLOW_THREADS
+        if (r <= 0) /* EAGAIN, an error, or EOF (a TUN never says it: no empty packets) */
             break;
+        if (r <= READ_COPY_MAX) {
+            pkt = PyBytes_FromStringAndSize(PyBytes_AS_STRING(buf), r);
+            if (pkt == NULL)
+                goto fail;
+        } else {
+            if (_PyBytes_Resize(&buf, r) < 0) /* frees buf and sets it NULL on failure */
+                goto fail;
+            pkt = buf;
+            buf = NULL;
         }
-        if (r == 0) /* EOF: a TUN never says it; don't fabricate empty packets */
-            break;
-        lens[n++] = r;
+        if (PyList_Append(list, pkt) < 0) {
+            Py_DECREF(pkt);
+            goto fail;
+        }
+        Py_DECREF(pkt);
     }
-    Py_END_ALLOW_THREADS
-
-    if (n == 0 && err != 0) {
+    Py_XDECREF(buf);
+    if (PyList_GET_SIZE(list) == 0 && err != 0) {
         /* Packets already read take priority; the next call will meet the error. */
+        Py_DECREF(list);
         errno = err;
-        PyErr_SetFromErrno(PyExc_OSError);
-        list = NULL;
-        goto out;
+        return PyErr_SetFromErrno(PyExc_OSError);
     }
-    list = PyList_New(n);
-    if (list == NULL)
-        goto out;
-    for (i = 0; i < n; i++) {
-        PyObject *pkt = PyBytes_FromStringAndSize((const char *)buf + (size_t)i * (size_t)bufsize,
-                                                  lens[i]);
-        if (pkt == NULL) {
-            Py_CLEAR(list);
-            goto out;
-        }
-        PyList_SET_ITEM(list, i, pkt);
-    }
-out:
-    free(buf);
-    free(lens);
     return list;
+fail:
+    Py_XDECREF(buf);
+    Py_DECREF(list);
+    return NULL;
 }
 
 PyDoc_STRVAR(write_batch_doc,
