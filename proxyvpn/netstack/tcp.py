@@ -47,6 +47,7 @@ from proxyvpn.netstack.events import (
     TcpEvent,
     TimedOut,
 )
+from proxyvpn.netstack.sendbuf import SendBuffer
 from proxyvpn.netstack.seq import SEQ_HALF, SEQ_MASK, SEQ_MOD
 from proxyvpn.netstack.wire import ACK, FIN, PSH, RST, SYN, URG
 
@@ -338,7 +339,7 @@ class TcpConnection:
         self.snd_wl1 = 0
         self.snd_wl2 = 0
         self._max_snd_wnd = self.snd_wnd
-        self._sndbuf = bytearray()
+        self._sndbuf = SendBuffer()
         self._sndbuf_start = 1
         self._fin_queued = False
         self._fin_seq = -1
@@ -489,9 +490,9 @@ class TcpConnection:
             n = space
         if n:
             if n == len(data):
-                self._sndbuf += data
+                self._sndbuf.extend(data)
             else:
-                self._sndbuf += memoryview(data)[:n]
+                self._sndbuf.extend(memoryview(data)[:n])
         if n < len(data) or self.send_space() < self.params.snd_buf // 2:
             self._space_armed = True
         return n
@@ -748,8 +749,7 @@ class TcpConnection:
         data_end = buf_start + len(self._sndbuf)
         upto = a if a < data_end else data_end
         if upto > buf_start:
-            # bytearray deletes from the front in O(1) amortized (it moves its start).
-            del self._sndbuf[: upto - buf_start]
+            self._sndbuf.discard(upto - buf_start)
             self._sndbuf_start = upto
             self.bytes_out += upto - buf_start
         self.snd_una = a
@@ -1084,99 +1084,98 @@ class TcpConnection:
         iss = self.iss
         smss = self._smss
         sent = False
-        with memoryview(sndbuf) as mv:
-            if self._rtx_now:
-                # Fast retransmit / NewReno partial ACK: the first unacknowledged
-                # segment, whatever the windows say (it was in them once).
-                self._rtx_now = False
-                if una < self.snd_max:
-                    n = min(smss, self.snd_max - una, data_end - una)
-                    if n < 0:
-                        n = 0
-                    fin = self._fin_queued and una + n == data_end and una + n < self.snd_max
-                    flags = ACK | (FIN if fin else 0) | (PSH if n and una + n == data_end else 0)
-                    lo = una - buf_start
-                    out.append(
-                        Segment((iss + una) & SEQ_MASK, ack_w, flags, win, bytes(mv[lo : lo + n]))
-                    )
-                    self.retransmits += 1
-                    sent = True
-                    if self._rtx_deadline is None:
-                        self._rtx_deadline = now + self._rto
+        if self._rtx_now:
+            # Fast retransmit / NewReno partial ACK: the first unacknowledged
+            # segment, whatever the windows say (it was in them once).
+            self._rtx_now = False
+            if una < self.snd_max:
+                n = min(smss, self.snd_max - una, data_end - una)
+                if n < 0:
+                    n = 0
+                fin = self._fin_queued and una + n == data_end and una + n < self.snd_max
+                flags = ACK | (FIN if fin else 0) | (PSH if n and una + n == data_end else 0)
+                lo = una - buf_start
+                out.append(
+                    Segment((iss + una) & SEQ_MASK, ack_w, flags, win, sndbuf.slice(lo, lo + n))
+                )
+                self.retransmits += 1
+                sent = True
+                if self._rtx_deadline is None:
+                    self._rtx_deadline = now + self._rto
 
-            nxt = self.snd_nxt
-            if nxt < seq_end:
-                edge = self.snd_wl2 + self.snd_wnd
-                limit = una + self._cwnd
-                if edge < limit:
-                    limit = edge
-                snd_max = self.snd_max
-                while nxt < seq_end:
-                    if nxt < data_end:
-                        n = data_end - nxt
-                        if n > smss:
-                            n = smss
-                        room = limit - nxt
-                        if n > room:
-                            # Sender SWS avoidance (RFC 9293 §3.8.6.2.1): a short
-                            # segment only if nothing is in flight or it is at least
-                            # half the largest window the app has offered.
-                            if room <= 0 or (nxt > una and room < self._max_snd_wnd >> 1):
-                                break
-                            n = room
-                        end = nxt + n
-                        # Our FIN takes a sequence number, hence a byte of window.
-                        fin = self._fin_queued and end == data_end and end < edge
-                        flags = ACK | (PSH if end == data_end else 0)
-                        if fin:
-                            flags |= FIN
-                            end += 1
-                        lo = nxt - buf_start
-                        payload = bytes(mv[lo : lo + n])
-                    else:
-                        # Only the FIN is left.
-                        if nxt >= edge:
+        nxt = self.snd_nxt
+        if nxt < seq_end:
+            edge = self.snd_wl2 + self.snd_wnd
+            limit = una + self._cwnd
+            if edge < limit:
+                limit = edge
+            snd_max = self.snd_max
+            while nxt < seq_end:
+                if nxt < data_end:
+                    n = data_end - nxt
+                    if n > smss:
+                        n = smss
+                    room = limit - nxt
+                    if n > room:
+                        # Sender SWS avoidance (RFC 9293 §3.8.6.2.1): a short
+                        # segment only if nothing is in flight or it is at least
+                        # half the largest window the app has offered.
+                        if room <= 0 or (nxt > una and room < self._max_snd_wnd >> 1):
                             break
-                        end = nxt + 1
-                        flags = ACK | FIN
-                        payload = b""
-                    out.append(Segment((iss + nxt) & SEQ_MASK, ack_w, flags, win, payload))
-                    sent = True
-                    if nxt < snd_max:
-                        self.retransmits += 1
-                    elif self._rtt_seq < 0:
-                        self._rtt_seq = end
-                        self._rtt_time = now
-                    nxt = end
-                    if nxt > snd_max:
-                        snd_max = nxt
-                    if self._rtx_deadline is None:
-                        self._rtx_deadline = now + self._rto
-                self.snd_nxt = nxt
-                self.snd_max = snd_max
+                        n = room
+                    end = nxt + n
+                    # Our FIN takes a sequence number, hence a byte of window.
+                    fin = self._fin_queued and end == data_end and end < edge
+                    flags = ACK | (PSH if end == data_end else 0)
+                    if fin:
+                        flags |= FIN
+                        end += 1
+                    lo = nxt - buf_start
+                    payload = sndbuf.slice(lo, lo + n)
+                else:
+                    # Only the FIN is left.
+                    if nxt >= edge:
+                        break
+                    end = nxt + 1
+                    flags = ACK | FIN
+                    payload = b""
+                out.append(Segment((iss + nxt) & SEQ_MASK, ack_w, flags, win, payload))
+                sent = True
+                if nxt < snd_max:
+                    self.retransmits += 1
+                elif self._rtt_seq < 0:
+                    self._rtt_seq = end
+                    self._rtt_time = now
+                nxt = end
+                if nxt > snd_max:
+                    snd_max = nxt
+                if self._rtx_deadline is None:
+                    self._rtx_deadline = now + self._rto
+            self.snd_nxt = nxt
+            self.snd_max = snd_max
 
-            if self._probe_due:
-                self._probe_due = False
-                nxt = self.snd_nxt
-                # Only if the window is still closed and nothing is in flight: an ACK
-                # may have reopened it since the persist timer fired.
-                if nxt == una and nxt < seq_end and self.snd_wl2 + self.snd_wnd <= nxt:
-                    # RFC 9293 §3.8.6.1: one byte beyond the closed window (or the
-                    # bare FIN); the app answers with an ACK carrying its window.
-                    # SND.NXT does not move: the byte counts as unsent until ACKed.
-                    if nxt < data_end:
-                        lo = nxt - buf_start
-                        probe = Segment(
-                            (iss + nxt) & SEQ_MASK, ack_w, ACK, win, bytes(mv[lo : lo + 1])
-                        )
-                    else:
-                        probe = Segment((iss + nxt) & SEQ_MASK, ack_w, ACK | FIN, win, b"")
-                    out.append(probe)
-                    sent = True
-                    self.probes += 1
-                    self._probe_sent_at = now
-                    if nxt + 1 > self.snd_max:
-                        self.snd_max = nxt + 1
+        if self._probe_due:
+            self._probe_due = False
+            nxt = self.snd_nxt
+            # Only if the window is still closed and nothing is in flight: an ACK
+            # may have reopened it since the persist timer fired.
+            if nxt == una and nxt < seq_end and self.snd_wl2 + self.snd_wnd <= nxt:
+                # RFC 9293 §3.8.6.1: one byte beyond the closed window (or the
+                # bare FIN); the app answers with an ACK carrying its window.
+                # SND.NXT does not move: the byte counts as unsent until ACKed.
+                if nxt < data_end:
+                    lo = nxt - buf_start
+                    probe = Segment(
+                        (iss + nxt) & SEQ_MASK, ack_w, ACK, win, sndbuf.slice(lo, lo + 1)
+                    )
+                else:
+                    probe = Segment((iss + nxt) & SEQ_MASK, ack_w, ACK | FIN, win, b"")
+                out.append(probe)
+                sent = True
+                self.probes += 1
+                self._probe_sent_at = now
+                if nxt + 1 > self.snd_max:
+                    self.snd_max = nxt + 1
         return sent
 
     def _ack_seq_wire(self) -> int:
@@ -1377,7 +1376,7 @@ class TcpConnection:
         self._tw_deadline = now + self.params.time_wait
         self._rtx_deadline = None
         self._persist_deadline = None
-        self._sndbuf = bytearray()
+        self._sndbuf = SendBuffer()
         self._ooo_clear()
 
     def _enter_closed(self) -> None:
@@ -1386,7 +1385,7 @@ class TcpConnection:
         self._rtx_deadline = None
         self._persist_deadline = None
         self._tw_deadline = None
-        self._sndbuf = bytearray()
+        self._sndbuf = SendBuffer()
         self._ooo_clear()
         self._ooo_fin = -1
         self._ack_due = False
