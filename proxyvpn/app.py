@@ -13,12 +13,13 @@ import os
 import resource
 import signal
 import socket
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from proxyvpn.config import Config, build_config, load_config_file, merge_settings
-from proxyvpn.errors import PrivilegeError, ProxyUnreachableError
+from proxyvpn.errors import ProxyUnreachableError
 from proxyvpn.logs import register_secret
 
 log = logging.getLogger("proxyvpn")
@@ -59,15 +60,6 @@ def dry_run(config: Config) -> str:
     return plan_to_json(plan) if config.json else render_commands(plan)
 
 
-def has_cap_net_admin() -> bool:
-    """CAP_NET_ADMIN (bit 12) in our effective set, read from /proc (no library needed)."""
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("CapEff:"):
-                return bool(int(line.split()[1], 16) & (1 << 12))
-    return False
-
-
 def probe_proxy(addresses: tuple[str, ...], port: int, timeout: float) -> None:
     """Fail before changing anything when no proxy address accepts TCP."""
     errors = []
@@ -93,16 +85,15 @@ def raise_open_file_limit() -> None:
 def run_up(config: Config) -> int:
     """Apply the plan, run the data path until a stop signal, undo everything."""
     from proxyvpn.aio.engine import run_engine
+    from proxyvpn.privileges import confine_up
     from proxyvpn.system.apply import apply_plan
     from proxyvpn.system.down import clean_stale
     from proxyvpn.system.state import StateDir, resolve_state_dir
 
     assert config.proxy is not None
-    if not has_cap_net_admin():
-        raise PrivilegeError(
-            "CAP_NET_ADMIN is missing: run `sudo setcap cap_net_admin=eip /path/proxyvpn` "
-            "(or the install script), or use sudo"
-        )
+    # First, before any thread or change: CAP_NET_ADMIN or one clear line; then only
+    # CAP_NET_ADMIN, no secrets in the environment or the process title.
+    confine_up(sys.argv[1:])
     raise_open_file_limit()
     state_dir = resolve_state_dir(config.state_dir)
     state = StateDir(state_dir, keep=config.keep_logs)

@@ -26,15 +26,21 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import logging
 import os
+import re
+import shlex
 import shutil
 import signal
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import prctl
 
 from proxyvpn.errors import PrivilegeError
+
+log = logging.getLogger("proxyvpn.privileges")
 
 CAP_NET_ADMIN = 12
 """capability(7) number of CAP_NET_ADMIN."""
@@ -259,6 +265,34 @@ def verify_net_admin_only() -> CapState:
 # ---------------------------------------------------------------- process hygiene
 
 
+_SECRET_OPTIONS = ("--password",)
+"""Options whose value is a secret (their `--opt=value` form too)."""
+_URL_PASSWORD = re.compile(r"(://[^:/@\s]*):.*@")
+"""The password of scheme://user:password@host; greedy up to the last @, so that an
+unencoded @ in the password is covered too (over-redacting is the safe side)."""
+
+
+def redact_argv(argv: Sequence[str]) -> list[str]:
+    """argv with secret option values and URL passwords replaced by *** (pure)."""
+    out: list[str] = []
+    hide_next = False
+    for arg in argv:
+        if hide_next:
+            out.append("***")
+            hide_next = False
+            continue
+        name, eq, _ = arg.partition("=")
+        if name in _SECRET_OPTIONS:
+            if eq:
+                out.append(f"{name}=***")
+            else:
+                out.append(arg)
+                hide_next = True
+            continue
+        out.append(_URL_PASSWORD.sub(r"\1:***@", arg))
+    return out
+
+
 def set_process_name(name: str = "proxyvpn", *, title: str | None = None) -> None:
     """Name the process `name` in /proc/PID/comm (top, ps -o comm, pkill -x).
 
@@ -286,6 +320,28 @@ def child_preexec() -> None:
     long-lived children from the main thread (short ones like nft are fine anywhere).
     """
     prctl.set_pdeathsig(signal.SIGTERM)
+
+
+def confine_up(argv: Sequence[str]) -> CapState:
+    """Everything `up` does about privileges, before it changes anything.
+
+    Call it once, from the main thread, before any thread starts and after the
+    configuration (and so the password) was read:
+
+    1. CAP_NET_ADMIN must be effective, else PrivilegeError with the setcap line;
+    2. drop_to_net_admin(): nothing but CAP_NET_ADMIN from here on (bounding set too,
+       when root); it stays ambient because the only programs `up` runs are the
+       nft/iptables fallbacks, which need it (pass child_preexec as their preexec_fn);
+    3. the secret environment variables are forgotten, so no child inherits them;
+    4. the process is named `proxyvpn` (comm) and its command line shown as `argv`
+       with secrets redacted (a --password typed as an argument disappears from ps).
+    """
+    ensure_net_admin()
+    state = drop_to_net_admin()
+    scrub_environ()
+    set_process_name("proxyvpn", title=shlex.join(["proxyvpn", *redact_argv(argv)]))
+    log.debug("%s", describe())
+    return state
 
 
 def describe() -> str:

@@ -4,6 +4,7 @@ capabilities; they run in child processes so that pytest itself keeps its own.""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -37,12 +38,24 @@ Seccomp:\t0
 """
 
 
-def run_child(code: str, **kw) -> subprocess.CompletedProcess:
-    """Run Python code in a child (with this repo importable); returns the result."""
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+# As root, a child without any capability: uid 0 stays (so the repo stays readable), but
+# an empty bounding set means its exec grants nothing, as for an ordinary user.
+NO_CAPS = ["setpriv", "--bounding-set=-all", "--inh-caps=-all", "--ambient-caps=-all"]
+
+
+def run_child(code: str, *args: str, caps: bool = True,
+              env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run Python code in a child (with this repo importable); returns the result.
+
+    caps=False: the child holds no capability at all, whoever runs the tests (CI is root).
+    """
+    env = {**os.environ, **(env or {}), "PYTHONPATH": str(REPO)}
     env.pop(privileges.LAUNCHER_ENV, None)
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
-                          text=True, timeout=30, env=env, **kw)
+    argv = [sys.executable, "-c", textwrap.dedent(code), *args]
+    if not caps and ROOT:
+        assert shutil.which("setpriv"), "setpriv (util-linux) is needed to drop capabilities"
+        argv = NO_CAPS + argv
+    return subprocess.run(argv, capture_output=True, text=True, timeout=30, env=env)
 
 
 # ---------------------------------------------------------------- reading capabilities
@@ -128,17 +141,36 @@ def test_ensure_net_admin_passes_with_the_capability(monkeypatch):
 # ---------------------------------------------------------------- dropping
 
 
-@pytest.mark.skipif(ROOT, reason="as root CAP_NET_ADMIN is there to keep")
 def test_drop_without_the_capability_is_a_privilege_error():
     result = run_child("""
         from proxyvpn import privileges
         from proxyvpn.errors import PrivilegeError
+        held = privileges.read_caps()
+        print("held:", hex(held.effective | held.permitted | held.ambient))
         try:
             privileges.drop_to_net_admin()
+            print("dropped")
         except PrivilegeError as exc:
             print("refused:", exc)
-    """)
-    assert "refused: CAP_NET_ADMIN is missing" in result.stdout, result.stderr
+    """, caps=False)
+    assert result.returncode == 0, result.stderr
+    # The premise first: the child really holds nothing (else the refusal proves nothing).
+    assert result.stdout.splitlines()[0] == "held: 0x0", result.stdout
+    assert result.stdout.splitlines()[1] == (
+        "refused: CAP_NET_ADMIN is missing: run `sudo setcap cap_net_admin=eip "
+        "/path/to/proxyvpn` or use sudo"), result.stdout
+
+
+def test_up_without_the_capability_says_so_in_one_line(tmp_path):
+    """The whole command, as a user without CAP_NET_ADMIN meets it: one line, exit 77, and
+    nothing created (the check comes before the state directory)."""
+    state = tmp_path / "state"
+    result = run_child("from proxyvpn.cli import main; main()", "up", "--proxy-url",
+                       "http://127.0.0.1:9", "--state-dir", str(state), caps=False)
+    assert result.returncode == 77, result.stdout + result.stderr
+    assert result.stderr == ("proxyvpn: error: CAP_NET_ADMIN is missing: run `sudo setcap "
+                             "cap_net_admin=eip /path/to/proxyvpn` or use sudo\n")
+    assert not state.exists()
 
 
 @needs_root
@@ -187,6 +219,49 @@ def test_drop_refuses_when_a_thread_already_runs():
     """)
     assert "refused: thread" in result.stdout and "before threads start" in result.stdout, \
         result.stdout + result.stderr
+
+
+@needs_root
+def test_confine_up_as_root():
+    """What `up` calls first: capabilities, environment and process title, in a child."""
+    result = run_child("""
+        import json, os, subprocess, sys
+        from proxyvpn import privileges
+        privileges.confine_up(sys.argv[1:])
+        child = subprocess.run(["sh", "-c", "cat /proc/self/status; env"], capture_output=True,
+                               text=True).stdout
+        print(json.dumps({
+            "comm": open("/proc/self/comm").read().strip(),
+            "cmdline": open("/proc/self/cmdline", "rb").read().rstrip(bytes(1)).decode(),
+            "env": sorted(k for k in os.environ if k.startswith("PROXYVPN_")),
+            "child_status": child, "self": privileges.read_caps().__dict__}))
+    """, "up", "--password", "hunter2-secret", "--proxy-url", "http://al:pw-in-url@h:1",
+        env={"PROXYVPN_PASSWORD": "env-secret", "PROXYVPN_PROXY_URL": "http://u:env-url-secret@h:1",
+             "PROXYVPN_PURE": "1"})
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert out["comm"] == "proxyvpn"
+    assert out["cmdline"] == "proxyvpn up --password '***' --proxy-url 'http://al:***@h:1'"
+    assert out["env"] == ["PROXYVPN_PURE"]
+    for secret in ("hunter2-secret", "pw-in-url", "env-secret", "env-url-secret"):
+        assert secret not in result.stdout
+    for state in (privileges.CapState(**out["self"]), privileges.parse_status(out["child_status"])):
+        assert state.net_admin_only and state.bounding == privileges.NET_ADMIN, state
+
+
+@pytest.mark.parametrize(("argv", "expected"), [
+    (["up", "--password", "s3cret", "-v"], ["up", "--password", "***", "-v"]),
+    (["--password=s3cret"], ["--password=***"]),
+    (["--password"], ["--password"]),
+    (["--proxy-url", "http://alice:s3cret@proxy:3128"], ["--proxy-url", "http://alice:***@proxy:3128"]),
+    (["--proxy-url=https://a:b@c@[2001:db8::1]:443"], ["--proxy-url=https://a:***@[2001:db8::1]:443"]),
+    (["--proxy-url", "http://alice@proxy:3128", "--proxy-ip", "2001:db8::1"],
+     ["--proxy-url", "http://alice@proxy:3128", "--proxy-ip", "2001:db8::1"]),
+    (["--proxy-url", "http://[2001:db8::1]:3128"], ["--proxy-url", "http://[2001:db8::1]:3128"]),
+    (["--password-file", "/etc/proxyvpn/password"], ["--password-file", "/etc/proxyvpn/password"]),
+])
+def test_redact_argv(argv, expected):
+    assert privileges.redact_argv(argv) == expected
 
 
 # ---------------------------------------------------------------- process hygiene
@@ -379,3 +454,50 @@ def test_install_sh_rejects_paths_it_cannot_compile_in():
                             text=True, timeout=30)
     assert result.returncode == 1
     assert "PREFIX=/opt/my proxyvpn: use an absolute path" in result.stderr
+
+
+def _path_without_package_managers(tmp_path: Path, *stubs: str) -> str:
+    """A PATH directory with every usual program except apt-get, pacman and dnf; `stubs`
+    adds fake ones, so the test does not depend on the distribution it runs on."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    hidden = {"apt-get", "pacman", "dnf"}
+    for directory in ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin"):
+        with contextlib.suppress(FileNotFoundError):
+            for entry in os.scandir(directory):
+                link = bindir / entry.name
+                if entry.name not in hidden and not link.exists() and not link.is_symlink():
+                    link.symlink_to(entry.path)
+    for stub in stubs:
+        (bindir / stub).write_text("#!/bin/sh\nexit 0\n")
+        (bindir / stub).chmod(0o755)
+    return str(bindir)
+
+
+@pytest.mark.parametrize("managers", [(), ("apt-get",), ("pacman",), ("dnf",)])
+def test_install_sh_prints_the_exact_install_line_for_what_is_missing(tmp_path, managers):
+    env = {"PATH": _path_without_package_managers(tmp_path, *managers),
+           "CC": "/nonexistent/cc", "PYTHON": "/nonexistent/python3", "HOME": str(tmp_path),
+           "BUILD_DIR": str(tmp_path / "out")}
+    result = subprocess.run([str(REPO / "install.sh"), "build"], env=env, capture_output=True,
+                            text=True, timeout=30)
+    assert result.returncode == 1
+    header = Path("/usr/include/sys/capability.h").exists()
+    missing = ["cc"] + ([] if header else ["libcap-dev"]) + ["python"]
+    apt = "gcc" + ("" if header else " libcap-dev") + " python3"
+    pacman = "gcc" + ("" if header else " libcap") + " python"
+    dnf = "gcc" + ("" if header else " libcap-devel") + " python3"
+    lines = {
+        "apt-get": [f"  sudo apt-get install {apt}"],
+        "pacman": [f"  sudo pacman -S --needed {pacman}"],
+        "dnf": [f"  sudo dnf install {dnf}"],
+        (): [f"  Debian/Ubuntu: sudo apt-get install {apt}",
+             f"  Arch Linux:    sudo pacman -S --needed {pacman}",
+             f"  Fedora:        sudo dnf install {dnf}"],
+    }[managers[0] if managers else ()]
+    assert result.stderr.splitlines() == [
+        f"install.sh: missing prerequisites: {' '.join(missing)}",
+        "  (Python >= 3.11 is needed at /nonexistent/python3; set PYTHON=/path/to/python3 to use another)",
+        *lines,
+    ]
+    assert result.stdout == "" and not (tmp_path / "out").exists()  # checked before building
