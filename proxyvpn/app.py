@@ -143,7 +143,8 @@ def status(state_dir: Path | None, *, as_json: bool = False) -> tuple[str, bool]
     running = pid is not None
     info: dict[str, Any] = {"running": running, "state_dir": str(directory)}
     if state:
-        info.update({k: state.get(k) for k in ("pid", "proxy", "tun", "killswitch", "started")})
+        info.update({k: state.get(k) for k in ("pid", "proxy", "tun", "killswitch", "firewall",
+                                                  "started")})
         info["operations"] = len(state.get("applied", []))
     stats_file = directory / "stats.json"
     if running and stats_file.exists():
@@ -157,7 +158,8 @@ def status(state_dir: Path | None, *, as_json: bool = False) -> tuple[str, bool]
     lines = [f"proxyvpn is running (pid {pid})",
              f"  proxy:      {info.get('proxy')}",
              f"  interface:  {info.get('tun')}",
-             f"  killswitch: {'on' if info.get('killswitch') else 'off'}"]
+             f"  killswitch: {'on' if info.get('killswitch') else 'off'}",
+             f"  firewall:   {info.get('firewall') or 'libnftables'}"]
     for key, value in sorted(info.get("stats", {}).items()):
         if not isinstance(value, dict):
             lines.append(f"  {key + ':':<11} {value}")

@@ -12,6 +12,7 @@ from typing import Any
 import click
 
 from proxyvpn import __version__
+from proxyvpn.config import FIREWALL_BACKENDS
 from proxyvpn.errors import ProxyVpnError
 from proxyvpn.logs import setup_logging
 
@@ -111,6 +112,11 @@ def main() -> None:
               help="Write every packet seen on the TUN to this pcap file (debugging).")
 @click.option("--pure-python", is_flag=True, default=None,
               help="Use the pure-Python packet path instead of the C extension (debugging).")
+@click.option("--no-offload", "no_offload", is_flag=True, default=None,
+              help="Open the TUN without TSO/GSO offload: MSS-sized packets (debugging).")
+@click.option("--firewall-backend", type=click.Choice(FIREWALL_BACKENDS), default=None,
+              help="auto: libnftables, else the nft binary, else iptables; nft: libnftables, "
+                   "else the nft binary; or force one [default: auto].")
 @_state_dir_option
 @_verbose_option
 @click.option("--dry-run", is_flag=True, help="Print the changes without applying them.")
@@ -133,10 +139,11 @@ def up(config_file: Path | None, dry_run: bool, as_json: bool, verbose: bool | N
 
 def cli_settings(flags: dict[str, Any], verbose: bool | None) -> dict[str, Any]:
     """Map click's values to setting keys; None means 'not given here'."""
-    settings: dict[str, Any] = {k: v for k, v in flags.items() if k not in ("no_killswitch", "no_ipv6")}
+    settings: dict[str, Any] = {k: v for k, v in flags.items() if k not in ("no_killswitch", "no_ipv6", "no_offload")}
     settings["verbose"] = verbose
     settings["killswitch"] = False if flags.get("no_killswitch") else None
     settings["ipv6"] = False if flags.get("no_ipv6") else None
+    settings["offload"] = False if flags.get("no_offload") else None
     for key in ("proxy_ip", "allow_dns", "exclude"):
         settings[key] = tuple(flags.get(key) or ())
     ctx = click.get_current_context()

@@ -33,6 +33,10 @@ DEFAULT_MTU = 65535
 DEFAULT_TUN_CIDR = "10.255.255.1/30"
 DEFAULT_TUN_CIDR6 = "fd70:7076::1/126"
 
+FIREWALL_BACKENDS = ("auto", "nft", "libnftables", "nft-binary", "iptables")
+"""--firewall-backend choices. auto: libnftables, else the nft binary, else iptables;
+nft: libnftables, else the nft binary; the other three force exactly that backend."""
+
 
 @dataclass(frozen=True)
 class ProxySpec:
@@ -100,8 +104,12 @@ class Config:
     dry_run: bool = False
     keep_logs: bool = False
     json: bool = False
+    offload: bool = True
+    """TUN with TSO/GSO and checksum offload (--no-offload turns it off, for debugging)."""
     pure_python: bool = False
     """Use the pure-Python packet path instead of the C extension (debugging)."""
+    firewall_backend: str = "auto"
+    """One of FIREWALL_BACKENDS; proxyvpn.system.firewall resolves it to a concrete one."""
 
 
 # ---------------------------------------------------------------- proxy URL
@@ -221,7 +229,7 @@ SETTING_KEYS = (
     "proxy_ip", "tun_name", "tun_cidr", "tun_cidr6", "mtu", "dns", "allow_dns", "exclude",
     "killswitch", "ipv6", "state_dir", "table", "capture_mark", "bypass_mark",
     "rule_priority", "connect_timeout", "max_flows", "half_close_delay", "pcap", "verbose", "keep_logs",
-    "pure_python",
+    "pure_python", "firewall_backend", "offload",
 )
 """Keys accepted in the TOML config file (dashes or underscores); each mirrors a flag."""
 
@@ -242,8 +250,8 @@ def load_config_file(path: Path) -> dict[str, Any]:
     settings: dict[str, Any] = {}
     for key, value in raw.items():
         name = key.replace("-", "_")
-        if name == "no_killswitch":
-            name, value = "killswitch", not value
+        if name in ("no_killswitch", "no_offload"):
+            name, value = name[3:], not value
         if name not in SETTING_KEYS:
             raise ConfigError(f"config file {path}: unknown setting {key!r}")
         if name in REPEATABLE and isinstance(value, str):
@@ -368,6 +376,10 @@ def build_config(settings: Mapping[str, Any], *, dry_run: bool = False, json: bo
         dns_value = (dns_value,)
     state_dir = s.get("state_dir")
     pcap = s.get("pcap")
+    firewall_backend = str(s.get("firewall_backend", "auto")).lower()
+    if firewall_backend not in FIREWALL_BACKENDS:
+        raise ConfigError(f"--firewall-backend: {firewall_backend!r} is not one of "
+                          f"{', '.join(FIREWALL_BACKENDS)}")
     return Config(
         proxy=proxy,
         proxy_ips=tuple(_check_ip(str(v), "--proxy-ip") for v in s.get("proxy_ip", ())),
@@ -394,4 +406,6 @@ def build_config(settings: Mapping[str, Any], *, dry_run: bool = False, json: bo
         keep_logs=bool(s.get("keep_logs", False)),
         json=json,
         pure_python=bool(s.get("pure_python", False)),
+        offload=bool(s.get("offload", True)),
+        firewall_backend=firewall_backend,
     )

@@ -145,12 +145,16 @@ def run(*, name: str, server: str | None, timeout_ms: int, no_ip: bool, proxy_ur
         click.echo(f"DNS {name} @ {server} ({how}): FAILED: {exc}")
     if not no_ip:
         for cmd in (["ip", "rule", "show"], ["ip", "-6", "rule", "show"],
-                    ["ip", "route", "show", "table", "all"], ["nft", "list", "table", "inet", "proxyvpn"]):
-            click.echo(f"$ {' '.join(cmd)}")
+                    ["ip", "route", "show", "table", "all"], ["nft", "list", "table", "inet", "proxyvpn"],
+                    ["iptables-save"], ["ip6tables-save"]):
+            click.echo(f"$ {' '.join(cmd)}" + (" | grep PROXYVPN" if cmd[0].endswith("-save") else ""))
             try:
                 res = subprocess.run(cmd, capture_output=True, text=True, timeout=5,
                                      env={"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")})
-                click.echo((res.stdout or res.stderr).rstrip() or "(empty)")
+                out = res.stdout or res.stderr
+                if cmd[0].endswith("-save"):  # the iptables backend's chains, if any
+                    out = "\n".join(line for line in res.stdout.splitlines() if "PROXYVPN" in line)
+                click.echo(out.rstrip() or "(empty)")
             except (OSError, subprocess.TimeoutExpired) as exc:
                 click.echo(f"(unavailable: {exc})")
     return 0 if ok else 1

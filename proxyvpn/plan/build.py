@@ -16,13 +16,14 @@ from dataclasses import dataclass
 
 from proxyvpn.config import Config
 from proxyvpn.errors import ConfigError
-from proxyvpn.plan import nft
+from proxyvpn.plan import iptables, nft
 from proxyvpn.plan.facts import HostFacts
 from proxyvpn.plan.ops import (
     AddRoute,
     AddRule,
     CreateTun,
     LinkUp,
+    LoadIptables,
     LoadNftTable,
     Op,
     SetAddress,
@@ -44,6 +45,8 @@ class Plan:
     """Proxy addresses, in the order the relay should try them."""
     warnings: tuple[str, ...] = ()
     """Advice for the user (printed, never fatal)."""
+    firewall: str = "libnftables"
+    """The firewall backend the ops are for ("libnftables", "nft-binary", "iptables")."""
 
 
 def iface_sysctl(prefix: str, iface: str, leaf: str) -> str:
@@ -110,6 +113,41 @@ def _check_conflicts(config: Config, facts: HostFacts) -> None:
             "pick another with --rule-priority")
 
 
+def _no_resolver_warning(config: Config, facts: HostFacts) -> str:
+    """Why no resolver made it into the bypass, and what to do about it."""
+    stubs = [r for r in (config.dns or facts.resolvers)
+             if (a := _norm_ip(r)) is not None and a.is_loopback]
+    if stubs and not facts.systemd_upstreams:
+        why = (f"resolv.conf names only the local stub {', '.join(stubs)} and "
+               "/run/systemd/resolve/resolv.conf lists no upstream server")
+    elif not (config.dns or facts.resolvers):
+        why = "no nameserver in /etc/resolv.conf and no --dns"
+    else:
+        why = "no usable resolver address"
+    return (f"killswitch on and no resolver reachable ({why}): DNS will fail; "
+            "pass --allow-dns IP (or --dns IP)")
+
+
+def _firewall_ops(config: Config, facts: HostFacts, proxy_ips: tuple[str, ...],
+                  dns: tuple[str, ...], ipv6: bool) -> list[Op]:
+    """The marking + killswitch ops for the chosen backend: one nftables table, or one
+    iptables-restore transaction per family. Both come first in the plan (fail closed)."""
+    if facts.firewall != "iptables":
+        ruleset = nft.build_ruleset(config, proxy_ips, dns, ipv6=ipv6)
+        text = nft.render_text(config, proxy_ips, dns, ipv6=ipv6)
+        return [LoadNftTable(nft.FAMILY, nft.TABLE, tuple(ruleset), text)]
+    ops: list[Op] = []
+    for fam in iptables.build_families(config, proxy_ips, dns, ipv6=ipv6):
+        tables = sorted({c.split("/", 1)[0] for c in fam.chains})
+        present = facts.iptables_tables
+        # Unknown (a dry run without privileges): claim nothing, so nothing is removed.
+        new = () if present is None else tuple(t for t in tables
+                                                if f"{fam.family}/{t}" not in present)
+        ops.append(LoadIptables(fam.family, fam.chains, fam.jumps,
+                                iptables.restore_text(fam.chains, fam.jumps, fam.rules), new))
+    return ops
+
+
 def build_plan(config: Config, facts: HostFacts) -> Plan:
     """Turn configuration and facts into a Plan. Raises ConfigError for conflicts with the
     host (TUN name, routing table or rule priority already taken)."""
@@ -131,16 +169,10 @@ def build_plan(config: Config, facts: HostFacts) -> Plan:
 
     dns = dns_bypass_for(config, facts)
     if config.killswitch and not dns:
-        warnings.append("killswitch on and no resolver reachable: DNS will fail; "
-                        "pass --allow-dns")
+        warnings.append(_no_resolver_warning(config, facts))
 
-    ruleset = nft.build_ruleset(config, proxy_ips, dns, ipv6=ipv6)
-    text = nft.render_text(config, proxy_ips, dns, ipv6=ipv6)
     tun = config.tun_name
-    ops: list[Op] = [
-        LoadNftTable(nft.FAMILY, nft.TABLE, tuple(ruleset), text),
-        CreateTun(tun, config.mtu),
-    ]
+    ops: list[Op] = [*_firewall_ops(config, facts, proxy_ips, dns, ipv6), CreateTun(tun, config.mtu, config.offload)]
     if ipv6 and facts.sysctls.get("net.ipv6.conf.default.disable_ipv6") == "1":
         # A new interface inherits default.disable_ipv6; with it set the kernel refuses the
         # TUN's IPv6 address and route. Only then do we touch it, and only on our TUN.
@@ -163,6 +195,6 @@ def build_plan(config: Config, facts: HostFacts) -> Plan:
     for family in families:
         ops.append(AddRule(family, config.capture_mark, config.table, config.rule_priority))
 
-    plan = Plan(tuple(ops), dns, proxy_ips, tuple(warnings))
+    plan = Plan(tuple(ops), dns, proxy_ips, tuple(warnings), facts.firewall)
     log.debug("plan: %d operations, dns bypass %s, proxy %s", len(plan.ops), dns, proxy_ips)
     return plan

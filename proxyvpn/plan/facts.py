@@ -44,3 +44,9 @@ class HostFacts:
     """Current values of the sysctls the plan may change or inherit from (dotted keys)."""
     ipv6_enabled: bool = True
     """IPv6 is available (the kernel has it and net.ipv6.conf.all.disable_ipv6 is 0)."""
+    firewall: str = "libnftables"
+    """The firewall backend in use: "libnftables", "nft-binary" or "iptables" (resolved
+    from --firewall-backend by proxyvpn.system.firewall)."""
+    iptables_tables: frozenset[str] | None = None
+    """With the iptables backend: the tables that exist, as "4/mangle", "6/filter"...
+    (what iptables-save lists); None when unknown (no privileges, as in a dry run)."""

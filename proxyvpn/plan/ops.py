@@ -14,6 +14,8 @@ import shlex
 from dataclasses import dataclass, field
 from typing import Any
 
+from proxyvpn.plan.iptables import delete_text
+
 OP_KINDS: dict[str, type[Op]] = {}
 """kind name -> Op class, filled by `_register`; op_from_dict looks kinds up here."""
 
@@ -115,6 +117,65 @@ class DeleteNftTable(Op):
         return f"nft delete table {self.family} {_q(self.name)}"
 
 
+# ---------------------------------------------------------------- iptables
+
+
+def _ipt_restore(family: int) -> str:
+    return "ip6tables-restore" if family == 6 else "iptables-restore"
+
+
+@_register
+@dataclass(frozen=True)
+class LoadIptables(Op):
+    """Create our iptables (or ip6tables) chains and the jumps to them in one
+    `iptables-restore --noflush` transaction (the iptables firewall backend)."""
+
+    family: int
+    """4 (iptables) or 6 (ip6tables)."""
+    chains: tuple[str, ...]
+    """Our chains, "table/chain"; the undo flushes and deletes exactly these."""
+    jumps: tuple[str, ...]
+    """Jumps we insert, "table/builtin/target"; the undo deletes exactly these."""
+    text: str = ""
+    """The iptables-restore --noflush document (what is loaded, and what --dry-run shows)."""
+    new_tables: tuple[str, ...] = ()
+    """Tables that did not exist before (iptables-nft creates them on first use); the
+    undo removes them again when nothing but empty built-in chains is left in them."""
+
+    def command(self) -> str:
+        return f"{_ipt_restore(self.family)} --noflush <<'EOF'\n{self.text.rstrip()}\nEOF"
+
+    def summary(self) -> str:
+        return (f"{_ipt_restore(self.family)} --noflush (chains "
+                f"{', '.join(self.chains)})")
+
+    def undo(self) -> Op:
+        return DeleteIptables(self.family, self.chains, self.jumps, self.new_tables)
+
+
+@_register
+@dataclass(frozen=True)
+class DeleteIptables(Op):
+    """Remove our jumps and chains (whichever are still there) in one transaction."""
+
+    family: int
+    """4 or 6."""
+    chains: tuple[str, ...]
+    """Our chains, "table/chain"."""
+    jumps: tuple[str, ...]
+    """Our jumps, "table/builtin/target"."""
+    new_tables: tuple[str, ...] = ()
+    """Tables we created; removed when left holding only empty built-in chains."""
+
+    def command(self) -> str:
+        text = delete_text(self.chains, self.jumps).rstrip()
+        return f"{_ipt_restore(self.family)} --noflush <<'EOF'\n{text}\nEOF"
+
+    def summary(self) -> str:
+        return (f"{_ipt_restore(self.family)} --noflush (delete chains "
+                f"{', '.join(self.chains)})")
+
+
 # ---------------------------------------------------------------- links
 
 
@@ -131,9 +192,13 @@ class CreateTun(Op):
     """Interface name (at most 15 characters)."""
     mtu: int
     """MTU; large values let the kernel hand us big segments (fewer syscalls per byte)."""
+    offload: bool = True
+    """IFF_VNET_HDR + TSO/checksum offload: 64 KiB segments both ways (system/tun.py)."""
 
     def command(self) -> str:
-        return f"ip tuntap add dev {_q(self.name)} mode tun && ip link set dev {_q(self.name)} mtu {self.mtu} txqueuelen 10000"
+        vnet = " vnet_hdr" if self.offload else ""
+        return (f"ip tuntap add dev {_q(self.name)} mode tun{vnet} && "
+                f"ip link set dev {_q(self.name)} mtu {self.mtu} txqueuelen 10000")
 
     def undo(self) -> Op:
         return DeleteLink(self.name)

@@ -17,6 +17,7 @@ def render_commands(plan: Plan) -> str:
         "# proxyvpn plan (dry run: nothing was changed)",
         f"# proxy addresses: {', '.join(plan.proxy_ips) or '(none)'}",
         f"# DNS bypass: {', '.join(plan.dns_bypass) or '(none)'}",
+        f"# firewall backend: {plan.firewall}",
     ]
     lines += [f"# warning: {w}" for w in plan.warnings]
     lines += [f"[#] {op.command()}" for op in plan.ops]
@@ -35,6 +36,7 @@ def plan_to_dict(plan: Plan) -> dict:
         "dns_bypass": list(plan.dns_bypass),
         "proxy_ips": list(plan.proxy_ips),
         "warnings": list(plan.warnings),
+        "firewall": plan.firewall,
     }
 
 

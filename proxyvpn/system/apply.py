@@ -21,18 +21,20 @@ from proxyvpn.plan.ops import (
     AddRule,
     CreateTun,
     DelAddress,
+    DeleteIptables,
     DeleteLink,
     DeleteNftTable,
     DelRoute,
     DelRule,
     LinkUp,
+    LoadIptables,
     LoadNftTable,
     Op,
     SetAddress,
     SetSysctl,
     op_from_dict,
 )
-from proxyvpn.system import nft
+from proxyvpn.system import iptables, nft
 from proxyvpn.system.netlink import Netlink
 from proxyvpn.system.state import STATE_VERSION, StateDir
 from proxyvpn.system.sysctl import write_sysctl
@@ -57,6 +59,8 @@ class _Executor:
         self._handlers: dict[type[Op], Callable[[Any], None]] = {
             LoadNftTable: self._load_nft,
             DeleteNftTable: self._delete_nft,
+            LoadIptables: lambda op: iptables.load(op.family, op.text, op.chains, op.jumps),
+            DeleteIptables: self._delete_iptables,
             CreateTun: self._create_tun,
             DeleteLink: self._delete_link,
             LinkUp: lambda op: self.nl.link_up(op.dev),
@@ -104,8 +108,13 @@ class _Executor:
         if not nft.delete_table(op.family, op.name):
             raise nft.NftError(errno.ENOENT, f"table {op.family} {op.name} does not exist")
 
+    def _delete_iptables(self, op: DeleteIptables) -> None:
+        if not iptables.remove(op.family, op.chains, op.jumps, op.new_tables):
+            raise iptables.IptablesError(errno.ENOENT, f"chains {', '.join(op.chains)} "
+                                         "do not exist")
+
     def _create_tun(self, op: CreateTun) -> None:
-        self.tuns[op.name] = open_tun(op.name, op.mtu)
+        self.tuns[op.name] = open_tun(op.name, op.mtu, op.offload)
 
     def _delete_link(self, op: DeleteLink) -> None:
         handle = self.tuns.pop(op.name, None)
@@ -213,7 +222,10 @@ def apply_plan(plan: Plan, state: StateDir, extra: dict[str, Any]) -> Applied:
     is raised (KeyboardInterrupt/SystemExit are re-raised after the rollback).
     """
     state.acquire()
-    doc: dict[str, Any] = {"version": STATE_VERSION, "pid": os.getpid(), "started": _now()}
+    if plan.firewall in ("libnftables", "nft-binary"):
+        nft.use(plan.firewall)
+    doc: dict[str, Any] = {"version": STATE_VERSION, "pid": os.getpid(), "started": _now(),
+                           "firewall": plan.firewall}
     for key, value in extra.items():
         # Never let a secret reach the disk, whatever a caller passes.
         if key in ("password", "credentials"):

@@ -14,6 +14,7 @@ from proxyvpn.config import Config
 from proxyvpn.errors import ConfigError
 from proxyvpn.plan.build import iface_sysctl
 from proxyvpn.plan.facts import HostFacts
+from proxyvpn.system import firewall, iptables
 from proxyvpn.system.netlink import Netlink
 from proxyvpn.system.sysctl import PROC_SYS, read_sysctl
 
@@ -101,6 +102,9 @@ def read_facts(config: Config, *, resolv_conf: Path = RESOLV_CONF,
     # (clean_stale / `proxyvpn down`) removes it, so it does not count as a conflict.
     ours = (config.rule_priority, config.capture_mark, config.table)
     priorities = frozenset(r[1] for r in rules if r[1:] != ours)
+    backend = firewall.resolve(config.firewall_backend)
+    # Which iptables tables exist, so that the undo can remove the ones `up` creates.
+    ipt_tables = iptables.existing_tables() if backend == "iptables" else None
     facts = HostFacts(
         resolvers=read_resolvers(resolv_conf),
         systemd_upstreams=read_resolvers(systemd_resolv_conf),
@@ -111,6 +115,8 @@ def read_facts(config: Config, *, resolv_conf: Path = RESOLV_CONF,
         rule_priorities_in_use=priorities,
         sysctls=sysctls,
         ipv6_enabled=ipv6_enabled,
+        firewall=backend,
+        iptables_tables=ipt_tables,
     )
     log.debug("host facts: %s", facts)
     return facts

@@ -1,4 +1,5 @@
-"""nftables through libnftables (the `nftables` Python binding), or the `nft` binary.
+"""nftables through libnftables (the `nftables` Python binding), or the `nft` binary
+(chosen by proxyvpn.system.firewall, applied with use()).
 
 A ruleset is loaded as one JSON batch, which the kernel commits as a single transaction:
 the table exists whole or not at all. Errors come back as NftError, an OSError whose errno
@@ -14,6 +15,8 @@ import shutil
 import subprocess
 from collections.abc import Iterable
 from typing import Any
+
+from proxyvpn.privileges import child_preexec
 
 log = logging.getLogger("proxyvpn.system")
 
@@ -40,10 +43,13 @@ def _error(what: str, message: str) -> NftError:
 
 
 class _Backend:
-    """Runs a JSON command document; libnftables when importable, else `nft -j -f -`."""
+    """Runs a JSON command document; libnftables when importable (and wanted), else
+    `nft -j -f -`. Which of the two is wanted is decided in proxyvpn.system.firewall."""
 
-    def __init__(self) -> None:
+    def __init__(self, use_lib: bool = True) -> None:
         self._lib: Any = None
+        if not use_lib:
+            return
         try:
             import nftables  # the libnftables binding (pip-nftables / python3-nftables)
 
@@ -65,7 +71,8 @@ class _Backend:
         binary = shutil.which("nft") or "/usr/sbin/nft"
         try:
             proc = subprocess.run([binary, "-j", "-f", "-"], input=json.dumps(document),
-                                  capture_output=True, text=True, timeout=30, check=False)
+                                  capture_output=True, text=True, timeout=30, check=False,
+                                  preexec_fn=child_preexec)
         except FileNotFoundError:
             return 1, None, "neither libnftables nor the nft binary is available"
         output = json.loads(proc.stdout) if proc.stdout.strip() else None
@@ -76,11 +83,22 @@ _backend: _Backend | None = None
 
 
 def backend() -> _Backend:
-    """The process-wide backend (libnftables keeps one context)."""
+    """The process-wide backend (libnftables keeps one context). Unless use() chose, the
+    binding when it loads, else the binary: what `down` needs to remove a table."""
     global _backend
     if _backend is None:
         _backend = _Backend()
     return _backend
+
+
+def use(name: str) -> None:
+    """Select the process-wide backend: "libnftables" or "nft-binary" (see
+    proxyvpn.system.firewall.resolve, which checked that it is available)."""
+    global _backend
+    if name not in ("libnftables", "nft-binary"):
+        raise ValueError(f"not an nftables backend: {name!r}")
+    if _backend is None or _backend.name != ("libnftables" if name == "libnftables" else "nft"):
+        _backend = _Backend(use_lib=name == "libnftables")
 
 
 def load(commands: Iterable[dict[str, Any]]) -> None:

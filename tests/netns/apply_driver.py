@@ -38,6 +38,7 @@ def _config(args: argparse.Namespace):
         "ipv6": not args.no_ipv6,
         "exclude": args.exclude,
         "allow_dns": args.allow_dns,
+        "firewall_backend": args.firewall_backend,
     }
     return build_config({k: v for k, v in settings.items() if v is not None},
                         dry_run=args.mode == "plan")
@@ -72,6 +73,7 @@ def main() -> int:
     parser.add_argument("--no-killswitch", action="store_true")
     parser.add_argument("--no-ipv6", action="store_true")
     parser.add_argument("--keep", action="store_true")
+    parser.add_argument("--firewall-backend")
     parser.add_argument("--fake-free-links", action="store_true")
     parser.add_argument("--fake-ipv6-default-enabled", action="store_true")
     args = parser.parse_args()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import secrets
 import shlex
 import signal
@@ -83,6 +84,8 @@ class Netns:
                 for line in [line.split(":")[1].strip()]
             ),
             "nft": out("nft", "list", "ruleset"),
+            "iptables": _iptables_save(out("iptables-save")),
+            "ip6tables": _iptables_save(out("ip6tables-save")),
             "sysctls": repr(sorted(sysctls.items())),
         }
 
@@ -116,6 +119,13 @@ class Netns:
 
     def __exit__(self, *exc: object) -> None:
         self.delete()
+
+
+def _iptables_save(text: str) -> str:
+    """iptables-save output without what changes by itself: the timestamp comments and
+    the packet/byte counters of the built-in chains."""
+    lines = [line for line in text.splitlines() if not line.startswith("#")]
+    return "\n".join(re.sub(r"\[\d+:\d+\]$", "[0:0]", line) for line in lines)
 
 
 def veth(a: Netns, a_addrs: Sequence[str], b: Netns, b_addrs: Sequence[str]) -> tuple[str, str]:

@@ -107,7 +107,8 @@ def test_apply_then_teardown_restores_everything(ns, tmp_path):
     assert text(ns, "ip", "-6", "route", "show", "table", "7076").startswith("default dev tun0 ")
     link = text(ns, "ip", "-d", "link", "show", "tun0")
     assert "mtu 65535" in link and ",UP," in link
-    assert "tun type tun pi off vnet_hdr off persist off" in link  # lives with our fd
+    # Not persistent: it lives with our fd. (vnet_hdr is on with TUN offload, off without.)
+    assert "tun type tun pi off vnet_hdr " in link and " persist off" in link
     addrs = text(ns, "ip", "addr", "show", "dev", "tun0")
     assert "inet 10.255.255.1/30" in addrs and "inet6 fd70:7076::1/126" in addrs
     assert text(ns, "cat", "/proc/sys/net/ipv4/conf/tun0/rp_filter").strip() == "2"
@@ -428,4 +429,108 @@ def test_nft_binary_fallback(ns, tmp_path):
         str(json_file), str(REPO))
     assert result.stdout.split() == ["True", "True", "False", "False"]
     assert ns.run("nft", "list", "ruleset").stdout == ""
+
+
+
+# ---------------------------------------------------------------- the iptables backend
+
+
+def test_iptables_apply_then_teardown_restores_everything(ns, tmp_path):
+    before = ns.snapshot()
+    vpn = up(ns, tmp_path, "--firewall-backend", "iptables", "--exclude", "10.9.0.0/16")
+    vpn.info()
+    assert "table inet proxyvpn" not in text(ns, "nft", "list", "ruleset")
+    save4, save6 = text(ns, "iptables-save"), text(ns, "ip6tables-save")
+    for save in (save4, save6):
+        for needle in (":PROXYVPN - [0:0]", ":PROXYVPN_POST - [0:0]", "-A OUTPUT -j PROXYVPN",
+                       "-A POSTROUTING -j PROXYVPN_POST",
+                       "-A PROXYVPN -j MARK --set-xmark 0x7076/0xffffffff",
+                       "-A PROXYVPN -p tcp -j REJECT --reject-with tcp-reset"):
+            assert needle in save, needle
+    assert "-A PROXYVPN -d 10.9.0.0/16 -j ACCEPT" in save4
+    assert "-A PROXYVPN -d 192.0.2.10/32 -p tcp -m tcp --dport 3128 -j ACCEPT" in save4
+    state = json.loads((tmp_path / "state" / "state.json").read_text())
+    assert state["firewall"] == "iptables"
+    assert [op["kind"] for op in state["applied"]][:3] == ["LoadIptables", "LoadIptables",
+                                                           "CreateTun"]
+    assert "[#] ip6tables-restore --noflush <<'EOF'" in vpn.log.read_text()
+    assert vpn.down() == []
+    # The tables iptables-nft created for our chains are gone again too.
+    assert_same(before, ns.snapshot())
+
+
+@pytest.mark.parametrize("backend", ["libnftables", "iptables"])
+def test_kill9_fails_closed_and_down_restores_per_backend(ns, server, tmp_path, backend):
+    for each in (ns, server):
+        each.run("sysctl", "-qw", "net.ipv6.conf.default.accept_dad=0")
+    veth(ns, ["192.0.2.2/24"], server, ["192.0.2.10/24", "192.0.2.20/24"])
+    listen(server, ("192.0.2.10", 3128), ("192.0.2.20", 80))
+    # A rule of somebody else's in the same built-in chain must survive everything.
+    ns.run("iptables", "-A", "OUTPUT", "-d", "198.51.100.1", "-j", "ACCEPT")
+    before = ns.snapshot()
+
+    vpn = up(ns, tmp_path, "--firewall-backend", backend)
+    vpn.info()
+    assert probe(ns, "192.0.2.10", 3128) == "ok"
+    assert probe(ns, "192.0.2.20", 80) == "timeout"  # captured into the TUN
+    assert probe(ns, "192.0.2.20", 80, mark=0x7077) == "refused"  # the killswitch's RST
+    vpn.kill9()
+    assert "tun0" not in text(ns, "ip", "link")
+    # Fail closed: the mark and the rule remain, the guard drops what would leave directly.
+    assert probe(ns, "192.0.2.20", 80) == "timeout"
+    assert probe(ns, "192.0.2.20", 80, mark=0x7077) == "refused"
+    assert probe(ns, "192.0.2.10", 3128) == "ok"
+    if backend == "iptables":
+        guard = text(ns, "iptables", "-t", "mangle", "-v", "-x", "-n", "-L", "PROXYVPN_POST")
+        assert int(guard.splitlines()[2].split()[0]) > 0, guard
+    result = drive(ns, "down", "--state-dir", str(tmp_path / "state"))
+    assert result.stdout.strip().startswith("MSG cleaned up after a proxyvpn"), result
+    assert_same(before, ns.snapshot())
+    assert probe(ns, "192.0.2.20", 80) == "ok"
+    again = drive(ns, "down", "--state-dir", str(tmp_path / "state"))
+    assert again.stdout.strip() == "MSG proxyvpn is not running"
+
+
+def test_foreign_iptables_chain_is_never_merged_into_or_deleted(ns, tmp_path):
+    """A PROXYVPN chain that is not ours (here only in ip6tables' filter table): the IPv6
+    transaction fails as a whole, the IPv4 one already applied is rolled back."""
+    ns.run("ip6tables", "-N", "PROXYVPN")
+    ns.run("ip6tables", "-A", "PROXYVPN", "-j", "RETURN")
+    before = ns.snapshot()
+    vpn = up(ns, tmp_path, "--firewall-backend", "iptables")
+    assert vpn.first.startswith("ERR ApplyError failed to apply `ip6tables-restore --noflush"), \
+        vpn.first
+    assert "already exist" in vpn.first, vpn.first
+    assert "[#] iptables-restore --noflush <<'EOF'" in vpn.log.read_text()  # the undo of v4
+    assert_same(before, ns.snapshot())
+    assert not (tmp_path / "state" / "state.json").exists()
+
+
+def test_rendered_iptables_documents_load_and_remove_cleanly(ns, tmp_path):
+    """Every golden iptables case: iptables-restore accepts the documents, they create
+    exactly the chains and jumps the op names, and the removal leaves the ruleset empty."""
+    from test_plan import IPT_CASES
+
+    from proxyvpn.plan.build import build_plan
+    from proxyvpn.plan.ops import LoadIptables
+
+    before = ns.snapshot()
+    for case, (cfg, facts) in sorted(IPT_CASES.items()):
+        for op in build_plan(cfg, facts).ops:
+            if not isinstance(op, LoadIptables):
+                continue
+            # new_tables as `up` would plan it in this empty namespace: all of them.
+            tables = tuple(sorted({c.split("/")[0] for c in op.chains}))
+            code = ("import json,sys; sys.path.insert(0, sys.argv[2]);"
+                    "from proxyvpn.system import iptables as i; o=json.load(open(sys.argv[1]));"
+                    "i.load(o['family'], o['text'], tuple(o['chains']), tuple(o['jumps']));"
+                    "print(i.remove(o['family'], tuple(o['chains']), tuple(o['jumps']),"
+                    " tuple(o['tables'])),"
+                    " i.remove(o['family'], tuple(o['chains']), tuple(o['jumps'])))")
+            spec = tmp_path / f"{case}-{op.family}.json"
+            spec.write_text(json.dumps({"family": op.family, "text": op.text, "chains": op.chains,
+                                "jumps": op.jumps, "tables": tables}))
+            result = ns.run(PY, "-c", code, str(spec), str(REPO))
+            assert result.stdout.split() == ["True", "False"], (case, result.stderr)
+        assert_same(before, ns.snapshot())
 

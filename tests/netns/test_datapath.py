@@ -186,12 +186,8 @@ def _tun_counters(lab) -> dict[str, int]:
     return dict(zip(names, map(int, out.stdout.split()), strict=True))
 
 
-def test_offload_moves_64k_segments_both_ways(lab):
-    """TSO/GSO on the TUN (system/tun.py): the app's kernel hands proxyvpn 64 KiB segments
-    (tx on tun0) and takes 64 KiB GSO segments back (rx on tun0), although the app's MSS
-    is the veth's 1460 bytes. Without offload every data packet is at most 1,500 bytes."""
-    lab.start_server()
-    lab.start_vpn()
+def _average_packet_sizes(lab) -> dict[str, float]:
+    """Bytes per packet on tun0 for an upload (tx: app -> proxyvpn) and a download (rx)."""
     averages = {}
     for direction, counter in (("--up", "tx"), ("--down", "rx")):
         before = _tun_counters(lab)
@@ -201,8 +197,26 @@ def test_offload_moves_64k_segments_both_ways(lab):
         packets = after[f"{counter}_packets"] - before[f"{counter}_packets"]
         assert moved > 32 * MB, (direction, moved)
         averages[direction] = moved / packets
+    return averages
+
+
+def test_offload_moves_64k_segments_both_ways(lab):
+    """TSO/GSO on the TUN (system/tun.py): the app's kernel hands proxyvpn 64 KiB segments
+    (tx on tun0) and takes 64 KiB GSO segments back (rx on tun0), although the app's MSS
+    is the veth's 1460 bytes."""
+    lab.start_server()
+    lab.start_vpn()
+    averages = _average_packet_sizes(lab)
     # Upload: the app's kernel sends up to 64 KiB at a time. Download: our segments are
     # as large as what the proxy socket delivered at once (often 16 KiB from squid), so
     # the bar is twice the largest packet an app MSS of 1460 would allow.
     assert averages["--up"] > 16384 and averages["--down"] > 3000, averages
+    assert lab.stop_vpn() == 0
+
+
+def test_no_offload_uses_mss_sized_packets(lab):
+    lab.start_server()
+    lab.start_vpn("--no-offload")
+    averages = _average_packet_sizes(lab)
+    assert max(averages.values()) <= 1500, averages
     assert lab.stop_vpn() == 0

@@ -17,6 +17,7 @@ import time
 from contextlib import contextmanager
 
 import dpkt
+import pytest
 from nslib import assert_same_snapshot
 from topology import (
     CLIENT4,
@@ -120,9 +121,24 @@ def tcp_roundtrip(lab, host: str, timeout: float = 10) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def test_killswitch_blocks_everything_but_the_proxy(lab):
+BACKENDS = ["libnftables", "nft-binary", "iptables"]
+"""Every firewall backend must pass the leak tests (--firewall-backend forces one)."""
+
+
+def start_vpn_with(lab, backend: str, *extra: str):
+    """`up` with the given firewall backend; checks the state file names it."""
+    lab.start_vpn("--firewall-backend", backend, *extra)
+    state = json.loads((lab.vpn_state / "state.json").read_text())
+    assert state["firewall"] == backend, state.get("firewall")
+    kinds = {op["kind"] for op in state["applied"]}
+    assert ("LoadIptables" in kinds) == (backend == "iptables"), kinds
+    assert ("LoadNftTable" in kinds) == (backend != "iptables"), kinds
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_killswitch_blocks_everything_but_the_proxy(lab, backend):
     lab.start_server()
-    lab.start_vpn()
+    start_vpn_with(lab, backend)
     with capture(lab) as packets:
         assert tcp_roundtrip(lab, SERVER4)["ok"]
         assert tcp_roundtrip(lab, SERVER6)["ok"]
@@ -153,10 +169,11 @@ def test_dead_proxy_fails_fast_without_leaking_then_recovers(lab):
     assert lab.vpn.poll() is None
 
 
-def test_kill_9_stays_closed_and_down_restores_snapshot(lab):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kill_9_stays_closed_and_down_restores_snapshot(lab, backend):
     before = lab.client.snapshot()
     lab.start_server()
-    lab.start_vpn()
+    start_vpn_with(lab, backend)
     lab.vpn.send_signal(signal.SIGKILL)
     lab.vpn.wait(10)
     with capture(lab) as packets:
@@ -172,9 +189,10 @@ def test_kill_9_stays_closed_and_down_restores_snapshot(lab):
     assert tcp_roundtrip(lab, SERVER4)["ok"]  # direct again, as before `up`
 
 
-def test_no_killswitch_lets_udp_out_but_tcp_still_uses_proxy(lab):
+@pytest.mark.parametrize("backend", ["libnftables", "iptables"])
+def test_no_killswitch_lets_udp_out_but_tcp_still_uses_proxy(lab, backend):
     lab.start_server()
-    lab.start_vpn("--no-killswitch")
+    start_vpn_with(lab, backend, "--no-killswitch")
     with capture(lab) as packets:
         assert tcp_roundtrip(lab, SERVER4)["ok"]
         lab.client.run(PYTHON, "-c", f"import socket;socket.socket(socket.AF_INET,"

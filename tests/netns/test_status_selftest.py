@@ -44,3 +44,15 @@ def test_selftest_dns_direct_and_through_proxy(lab):
     full = lab.proxyvpn("selftest", "--server", ROUTER4_C, "--timeout-ms", "300")
     assert full.returncode == 1 and "FAILED" in full.stdout  # nothing answers DNS there
     assert "ip rule show" in full.stdout
+
+
+def test_status_and_selftest_show_the_iptables_backend(lab):
+    lab.start_server()
+    lab.vpn_state = lab.workdir / "st"
+    lab.start_vpn("--firewall-backend", "iptables")
+    running = lab.proxyvpn("status", "--state-dir", str(lab.vpn_state))
+    assert running.returncode == 0 and "firewall:   iptables" in running.stdout, running.stdout
+    full = lab.proxyvpn("selftest", "--server", ROUTER4_C, "--timeout-ms", "300")
+    assert "$ iptables-save | grep PROXYVPN" in full.stdout
+    assert "-A OUTPUT -j PROXYVPN" in full.stdout, full.stdout
+    assert lab.stop_vpn() == 0

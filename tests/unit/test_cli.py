@@ -63,3 +63,62 @@ def test_env_proxy_url_is_used_and_cli_wins():
     assert result.exit_code == 2 and "no scheme" in result.output
     result = CliRunner().invoke(main, ["up", "--proxy-url", "socks5://cli:1"], env=env)
     assert "not supported" in result.output
+
+
+def _fake_host(monkeypatch, *, resolvers=("192.0.2.53",)):
+    """Facts without netlink or iptables: the dry run then depends on nothing local."""
+    from proxyvpn.plan.facts import HostFacts
+    from proxyvpn.system import facts, firewall
+
+    def read_facts(config, **_):
+        backend = firewall.resolve(config.firewall_backend)
+        return HostFacts(resolvers=resolvers, proxy_ips=("192.0.2.10",),
+                         links=frozenset({"lo"}), firewall=backend)
+
+    monkeypatch.setattr(facts, "read_facts", read_facts)
+    monkeypatch.setattr(firewall, "available", lambda b: True)
+
+
+def test_firewall_backend_flag_in_dry_run(monkeypatch):
+    _fake_host(monkeypatch)
+    result = run("up", "--proxy-url", "http://192.0.2.10:3128", "--dry-run",
+                 "--firewall-backend", "iptables")
+    assert result.exit_code == 0, result.output
+    assert "# firewall backend: iptables" in result.output
+    assert "[#] iptables-restore --noflush <<'EOF'" in result.output
+    assert "[#] ip6tables-restore --noflush <<'EOF'" in result.output
+    result = run("up", "--proxy-url", "http://192.0.2.10:3128", "--dry-run", "--json")
+    assert '"firewall": "libnftables"' in result.output
+    assert "--firewall-backend" in run("up", "--help").output
+
+
+def test_firewall_backend_from_config_file(monkeypatch, tmp_path):
+    _fake_host(monkeypatch)
+    conf = tmp_path / "pv.toml"
+    conf.write_text('proxy-url = "http://192.0.2.10:3128"\nfirewall-backend = "nft-binary"\n')
+    result = run("up", "--config", str(conf), "--dry-run")
+    assert "# firewall backend: nft-binary" in result.output, result.output
+    # The flag wins over the file.
+    result = run("up", "--config", str(conf), "--dry-run", "--firewall-backend", "iptables")
+    assert "# firewall backend: iptables" in result.output
+
+
+def test_bad_firewall_backend_is_a_usage_error():
+    result = CliRunner().invoke(main, ["up", "--proxy-url", "http://p:1",
+                                       "--firewall-backend", "pf"])
+    assert result.exit_code == 2 and "pf" in result.output
+
+
+def test_verbose_prints_dns_bypass_and_warns_without_resolver(monkeypatch, caplog):
+    # The log goes to the stderr of the first setup_logging(); read the records instead.
+    _fake_host(monkeypatch)
+    with caplog.at_level("DEBUG", logger="proxyvpn"):
+        run("up", "--proxy-url", "http://192.0.2.10:3128", "--dry-run", "--verbose")
+    assert "DNS bypass IPs: ['192.0.2.53']" in caplog.text
+    caplog.clear()
+    _fake_host(monkeypatch, resolvers=("127.0.0.53",))
+    with caplog.at_level("INFO", logger="proxyvpn"):
+        result = run("up", "--proxy-url", "http://192.0.2.10:3128", "--dry-run")
+    assert "warning: killswitch on and no resolver reachable" in caplog.text
+    assert "local stub 127.0.0.53" in caplog.text and "--allow-dns" in caplog.text
+    assert "# warning: killswitch on and no resolver reachable" in result.output
