@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 APT_PACKAGES=(nftables libnftables1 iproute2 iptables libcap-dev libcap2-bin gcc python3-venv
-              python3-dev tinyproxy squid curl util-linux procps tcpdump iputils-ping)
+              python3-dev tinyproxy squid redsocks curl util-linux procps tcpdump iputils-ping)
 VENV=${PROXYVPN_VENV:-.venv}
 PY=${PYTHON:-python3}
 
@@ -26,7 +26,7 @@ need_apt() {
   DEBIAN_FRONTEND=noninteractive apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
   # The packaged proxies must not keep running in the host namespace: tests start their own.
-  for svc in tinyproxy squid; do
+  for svc in tinyproxy squid redsocks; do
     (service "$svc" stop || systemctl stop "$svc") >/dev/null 2>&1 || true
     pkill -x "$svc" >/dev/null 2>&1 || true
   done

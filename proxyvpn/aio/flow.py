@@ -152,7 +152,11 @@ class Flow:
         if self.pending and not self._reading_paused and self.tunnel is not None:
             self._reading_paused = True
             self.tunnel.pause_reading()
-        self._wake()
+        # Straight out, not at the next loop iteration: data_received is an event-loop
+        # callback of its own, so nothing is left to coalesce with, and an interactive
+        # reply saves a trip through the selector.
+        self.engine.touch(self)
+        self.engine.transmit()
 
     def tunnel_eof(self) -> None:
         self.pending_eof = not self._fin_queued
