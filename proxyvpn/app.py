@@ -112,7 +112,8 @@ def run_up(config: Config) -> int:
     try:
         log.info("up: %s via %s (killswitch %s); Ctrl+C or `proxyvpn down` to stop",
                  config.tun_name, config.proxy.display(), "on" if config.killswitch else "off")
-        stop_reason = asyncio.run(run_engine(config, plan, applied.tun, state_dir))
+        stop_reason = asyncio.run(_serve(run_engine(config, plan, applied.tun, state_dir),
+                                         plan))
     except KeyboardInterrupt:
         stop_reason = "interrupted"
     finally:
@@ -122,6 +123,62 @@ def run_up(config: Config) -> int:
         applied.teardown()
         log.info("down: everything proxyvpn changed is undone (%s)", stop_reason)
     return 0
+
+
+async def _serve(engine: Any, plan: Any) -> str:
+    """Run the engine with the cgroup watcher beside it (when the table has cgroup sets);
+    the watcher stops before teardown removes the table its sets live in."""
+    watcher = None
+    if plan.selection is not None and plan.selection.watches_cgroups and plan.cgroup2:
+        from proxyvpn.system.cgwatch import CgroupWatcher
+
+        watcher = CgroupWatcher(plan.cgroup2, plan.selection, plan.cgroups_held)
+        try:
+            watcher.start(asyncio.get_running_loop())
+        except BaseException:
+            engine.close()
+            raise
+    try:
+        return await engine
+    finally:
+        if watcher is not None:
+            watcher.stop()
+
+
+EXEC_SETTLE = 0.25
+"""Seconds `exec` waits after creating its cgroup, so that a running `up`'s watcher (which
+reacts within milliseconds) has put it in the nft set before the command's first packet."""
+
+
+def run_exec(argv: tuple[str, ...], *, direct: bool, exec_cgroup: str,
+             state_dir: Path | None = None) -> None:
+    """Move this process into the exec cgroup (capture/ or direct/) and exec the command,
+    which inherits the terminal, environment and cgroup. Returns only by raising."""
+    from proxyvpn.errors import ConfigError
+    from proxyvpn.plan.selection import exec_path
+    from proxyvpn.system import cgroups
+    from proxyvpn.system.state import StateDir, resolve_state_dir
+
+    if not argv:
+        raise ConfigError("exec needs a command: proxyvpn exec [--direct] -- CMD ARGS...")
+    if not direct:
+        # Without a running `up` nothing captures the command: refuse rather than let
+        # it talk directly while its user believes it goes through the proxy.
+        directory = resolve_state_dir(state_dir)
+        if StateDir(directory).holder_pid() is None:
+            raise ConfigError(f"proxyvpn is not running (state directory {directory}): "
+                              "start `proxyvpn up` first, or use `exec --direct`")
+    root = cgroups.cgroup2_mount()
+    if root is None:
+        raise ConfigError("exec needs the cgroup v2 filesystem, and none is mounted "
+                          "(see /proc/self/mounts)")
+    rel = exec_path(exec_cgroup, "direct" if direct else "capture")
+    if cgroups.enter(Path(root.rstrip("/") + rel)):
+        time.sleep(EXEC_SETTLE)
+    try:
+        os.execvp(argv[0], list(argv))
+    except OSError as exc:
+        raise ConfigError(f"exec {argv[0]}: {exc.strerror or exc}") from None
 
 
 def run_down(state_dir: Path | None) -> str:

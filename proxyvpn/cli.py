@@ -12,7 +12,7 @@ from typing import Any
 import click
 
 from proxyvpn import __version__
-from proxyvpn.config import FIREWALL_BACKENDS
+from proxyvpn.config import DEFAULT_EXEC_CGROUP, FIREWALL_BACKENDS, SELECTION_KEYS
 from proxyvpn.errors import ProxyVpnError
 from proxyvpn.logs import setup_logging
 
@@ -62,6 +62,12 @@ def _state_dir_option(func: Callable[..., Any]) -> Callable[..., Any]:
 
 def _verbose_option(func: Callable[..., Any]) -> Callable[..., Any]:
     return click.option("--verbose", "-v", is_flag=True, default=None, help="Verbose logging.")(func)
+
+
+def _exec_cgroup_option(func: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--exec-cgroup", default=None, metavar="NAME",
+                        help="Directory under the cgroup2 root for `proxyvpn exec`'s capture/ "
+                             f"and direct/ cgroups [default: {DEFAULT_EXEC_CGROUP}].")(func)
 
 
 @click.group(cls=DefaultUpGroup, context_settings={"help_option_names": ["-h", "--help"],
@@ -117,6 +123,20 @@ def main() -> None:
 @click.option("--firewall-backend", type=click.Choice(FIREWALL_BACKENDS), default=None,
               help="auto: libnftables, else the nft binary, else iptables; nft: libnftables, "
                    "else the nft binary; or force one [default: auto].")
+@click.option("--only-user", multiple=True, metavar="USER",
+              help="Capture only traffic of sockets owned by this user (name or uid; repeatable).")
+@click.option("--skip-user", multiple=True, metavar="USER",
+              help="Leave this user's traffic alone (repeatable).")
+@click.option("--only-group", multiple=True, metavar="GROUP",
+              help="Capture only traffic of this (effective) group, as `sg GROUP cmd` sets it (repeatable).")
+@click.option("--skip-group", multiple=True, metavar="GROUP",
+              help="Leave this group's traffic alone (repeatable).")
+@click.option("--only-cgroup", multiple=True, metavar="REGEX",
+              help="Capture only cgroups whose v2 path matches (re.search), and below; "
+                   "new cgroups are picked up live (repeatable).")
+@click.option("--skip-cgroup", multiple=True, metavar="REGEX",
+              help="Leave matching cgroups (and below) alone (repeatable).")
+@_exec_cgroup_option
 @_state_dir_option
 @_verbose_option
 @click.option("--dry-run", is_flag=True, help="Print the changes without applying them.")
@@ -144,7 +164,7 @@ def cli_settings(flags: dict[str, Any], verbose: bool | None) -> dict[str, Any]:
     settings["killswitch"] = False if flags.get("no_killswitch") else None
     settings["ipv6"] = False if flags.get("no_ipv6") else None
     settings["offload"] = False if flags.get("no_offload") else None
-    for key in ("proxy_ip", "allow_dns", "exclude"):
+    for key in ("proxy_ip", "allow_dns", "exclude", *SELECTION_KEYS):
         settings[key] = tuple(flags.get(key) or ())
     ctx = click.get_current_context()
     # Secrets typed on the command line deserve a warning; from env or file they do not.
@@ -152,6 +172,28 @@ def cli_settings(flags: dict[str, Any], verbose: bool | None) -> dict[str, Any]:
         source = ctx.get_parameter_source(key)
         settings[f"_{key}_from_argv"] = source == click.core.ParameterSource.COMMANDLINE
     return settings
+
+
+@main.command(name="exec", context_settings={"ignore_unknown_options": True,
+                                             "allow_interspersed_args": False})
+@click.option("--direct", is_flag=True,
+              help="Bypass the capture (and the killswitch) of a running `up`.")
+@_exec_cgroup_option
+@_state_dir_option
+@_verbose_option
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+@friendly_errors
+def exec_(direct: bool, exec_cgroup: str | None, state_dir: Path | None, verbose: bool | None,
+          command: tuple[str, ...]) -> None:
+    """Run CMD captured by a running `up` (or, with --direct, bypassing it):
+    `proxyvpn exec [--direct] -- CMD ARGS...`. Works for an interactive shell."""
+    from proxyvpn import app
+    from proxyvpn.config import build_config
+
+    setup_logging(bool(verbose))
+    name = build_config({"exec_cgroup": exec_cgroup} if exec_cgroup else {},
+                        dry_run=True).exec_cgroup
+    app.run_exec(command, direct=direct, exec_cgroup=name, state_dir=state_dir)
 
 
 @main.command()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import stat
 import tomllib
 import urllib.parse
@@ -67,6 +68,41 @@ class ProxySpec:
         return f"{self.scheme}://{user}{host}:{self.port}"
 
 
+DEFAULT_EXEC_CGROUP = "proxyvpn"
+"""`proxyvpn exec` puts commands in <cgroup2 root>/proxyvpn/{capture,direct}."""
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Per-app routing: whose traffic `up` captures. Users and groups are names or numeric
+    ids, resolved at plan time; cgroup patterns are regular expressions searched in cgroup
+    v2 paths ("/user.slice/.../app-firefox@1.service"). All empty: the whole host."""
+
+    only_users: tuple[str, ...] = ()
+    skip_users: tuple[str, ...] = ()
+    only_groups: tuple[str, ...] = ()
+    skip_groups: tuple[str, ...] = ()
+    only_cgroups: tuple[str, ...] = ()
+    """Regexes (re.search) a cgroup path must match to be captured."""
+    skip_cgroups: tuple[str, ...] = ()
+    """Regexes whose matching cgroups are never captured."""
+
+    @property
+    def has_only(self) -> bool:
+        """Some --only-* was given: traffic matching none of them is left alone."""
+        return bool(self.only_users or self.only_groups or self.only_cgroups)
+
+    @property
+    def active(self) -> bool:
+        """Any selection flag was given."""
+        return self.has_only or bool(self.skip_users or self.skip_groups or self.skip_cgroups)
+
+
+SELECTION_KEYS = ("only_user", "skip_user", "only_group", "skip_group", "only_cgroup",
+                  "skip_cgroup")
+"""Setting keys of the selection flags (repeatable), in Selection field order."""
+
+
 @dataclass(frozen=True)
 class Config:
     """Everything `proxyvpn up` needs, validated."""
@@ -110,6 +146,10 @@ class Config:
     """Use the pure-Python packet path instead of the C extension (debugging)."""
     firewall_backend: str = "auto"
     """One of FIREWALL_BACKENDS; proxyvpn.system.firewall resolves it to a concrete one."""
+    selection: Selection = field(default_factory=Selection)
+    """Which local traffic is captured (and held by the killswitch); empty: all of it."""
+    exec_cgroup: str = DEFAULT_EXEC_CGROUP
+    """Directory under the cgroup2 root holding `proxyvpn exec`'s capture/ and direct/."""
 
 
 # ---------------------------------------------------------------- proxy URL
@@ -214,6 +254,37 @@ def _check_int(value: Any, what: str, lo: int, hi: int) -> int:
     return number
 
 
+def _check_selection(s: Mapping[str, Any]) -> Selection:
+    values: list[tuple[str, ...]] = []
+    for key in SELECTION_KEYS:
+        raw = s.get(key, ())
+        items = (raw,) if isinstance(raw, (str, int)) else tuple(raw)
+        flag = "--" + key.replace("_", "-")
+        out = []
+        for item in items:
+            text = str(item).strip()
+            if not text:
+                raise ConfigError(f"{flag}: empty value")
+            if key.endswith("cgroup"):
+                try:
+                    re.compile(text)
+                except re.error as exc:
+                    raise ConfigError(f"{flag}: {text!r} is not a valid regular expression: "
+                                      f"{exc}") from None
+            out.append(text)
+        values.append(tuple(dict.fromkeys(out)))
+    return Selection(*values)
+
+
+def _check_exec_cgroup(name: str) -> str:
+    # One plain directory name directly under the cgroup2 root: nothing to escape, and a
+    # fixed depth (level 2 for its capture/ and direct/ children) for the nft rules.
+    if not re.fullmatch(r"[A-Za-z0-9_.@+=-]{1,64}", name) or name in (".", ".."):
+        raise ConfigError(f"--exec-cgroup {name!r} must be one directory name "
+                          "(letters, digits, _ . @ + = -)")
+    return name
+
+
 def _check_tun_name(name: str) -> str:
     # IFNAMSIZ is 16 including the NUL; the kernel also refuses '/', ':' and spaces.
     if not name or len(name) > 15 or any(c in name for c in "/: \t\n") or name in (".", ".."):
@@ -229,11 +300,11 @@ SETTING_KEYS = (
     "proxy_ip", "tun_name", "tun_cidr", "tun_cidr6", "mtu", "dns", "allow_dns", "exclude",
     "killswitch", "ipv6", "state_dir", "table", "capture_mark", "bypass_mark",
     "rule_priority", "connect_timeout", "max_flows", "half_close_delay", "pcap", "verbose", "keep_logs",
-    "pure_python", "firewall_backend", "offload",
+    "pure_python", "firewall_backend", "offload", *SELECTION_KEYS, "exec_cgroup",
 )
 """Keys accepted in the TOML config file (dashes or underscores); each mirrors a flag."""
 
-REPEATABLE = {"proxy_ip", "allow_dns", "exclude"}
+REPEATABLE = {"proxy_ip", "allow_dns", "exclude", *SELECTION_KEYS}
 
 
 def load_config_file(path: Path) -> dict[str, Any]:
@@ -408,4 +479,6 @@ def build_config(settings: Mapping[str, Any], *, dry_run: bool = False, json: bo
         pure_python=bool(s.get("pure_python", False)),
         offload=bool(s.get("offload", True)),
         firewall_backend=firewall_backend,
+        selection=_check_selection(s),
+        exec_cgroup=_check_exec_cgroup(str(s.get("exec_cgroup", DEFAULT_EXEC_CGROUP))),
     )

@@ -29,6 +29,12 @@ from proxyvpn.plan.ops import (
     SetAddress,
     SetSysctl,
 )
+from proxyvpn.plan.selection import (
+    CgroupTracker,
+    ResolvedSelection,
+    nft_cgroup_ref,
+    resolve_selection,
+)
 
 log = logging.getLogger("proxyvpn.plan")
 
@@ -47,6 +53,12 @@ class Plan:
     """Advice for the user (printed, never fatal)."""
     firewall: str = "libnftables"
     """The firewall backend the ops are for ("libnftables", "nft-binary", "iptables")."""
+    selection: ResolvedSelection | None = None
+    """Per-app routing in the nft table; None: the whole host, no selection chain."""
+    cgroup2: str | None = None
+    """cgroup2 mount point the cgroup sets refer to (the watcher watches below it)."""
+    cgroups_held: tuple[tuple[str, int], ...] = ()
+    """(path, id) of the cgroups the loaded table's sets already hold."""
 
 
 def iface_sysctl(prefix: str, iface: str, leaf: str) -> str:
@@ -128,14 +140,49 @@ def _no_resolver_warning(config: Config, facts: HostFacts) -> str:
             "pass --allow-dns IP (or --dns IP)")
 
 
+def plan_selection(config: Config, facts: HostFacts,
+                   ) -> tuple[ResolvedSelection | None, tuple[tuple[str, int], ...]]:
+    """The resolved selection (None when there is nothing to select and no cgroup2 for
+    `proxyvpn exec`) and the cgroups its sets start with."""
+    if facts.firewall == "iptables":
+        if config.selection.active:
+            # iptables' cgroup match takes fixed paths at rule load; live regex selection
+            # needs nftables sets, so per-app routing is nftables-only (README).
+            raise ConfigError("per-app routing (--only-*/--skip-*) needs the nftables "
+                              "backend; it is not available with --firewall-backend iptables")
+        return None, ()
+    sel = resolve_selection(config, facts)
+    if not config.selection.active and sel.exec_cgroup is None:
+        return None, ()
+    tracker = CgroupTracker(sel)
+    tracker.reconcile(dict(facts.cgroups))
+    return sel, tuple(sorted(tracker.held.items()))
+
+
+def _cgroup_elements(sel: ResolvedSelection | None, held: tuple[tuple[str, int], ...],
+                     root: str | None) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    if sel is None or root is None:
+        return out
+    tracker = CgroupTracker(sel)
+    for change in tracker.reconcile(dict(held)):
+        out.setdefault(change.set, []).append(nft_cgroup_ref(root.rstrip("/") + change.path))
+    return out
+
+
 def _firewall_ops(config: Config, facts: HostFacts, proxy_ips: tuple[str, ...],
-                  dns: tuple[str, ...], ipv6: bool) -> list[Op]:
+                  dns: tuple[str, ...], ipv6: bool, sel: ResolvedSelection | None = None,
+                  held: tuple[tuple[str, int], ...] = ()) -> list[Op]:
     """The marking + killswitch ops for the chosen backend: one nftables table, or one
     iptables-restore transaction per family. Both come first in the plan (fail closed)."""
     if facts.firewall != "iptables":
-        ruleset = nft.build_ruleset(config, proxy_ips, dns, ipv6=ipv6)
-        text = nft.render_text(config, proxy_ips, dns, ipv6=ipv6)
-        return [LoadNftTable(nft.FAMILY, nft.TABLE, tuple(ruleset), text)]
+        elements = _cgroup_elements(sel, held, facts.cgroup2)
+        ruleset = nft.build_ruleset(config, proxy_ips, dns, ipv6=ipv6, selection=sel,
+                                    cgroup_elements=elements)
+        text = nft.render_text(config, proxy_ips, dns, ipv6=ipv6, selection=sel,
+                               cgroup_elements=elements)
+        return [LoadNftTable(nft.FAMILY, nft.TABLE, tuple(ruleset), text,
+                             nft.needs_text_load(sel))]
     ops: list[Op] = []
     for fam in iptables.build_families(config, proxy_ips, dns, ipv6=ipv6):
         tables = sorted({c.split("/", 1)[0] for c in fam.chains})
@@ -167,12 +214,13 @@ def build_plan(config: Config, facts: HostFacts) -> Plan:
         raise ConfigError(f"proxy host {config.proxy.host!r} has no usable address "
                           "(IPv6 is disabled); pass --proxy-ip")
 
+    sel, held = plan_selection(config, facts)
     dns = dns_bypass_for(config, facts)
     if config.killswitch and not dns:
         warnings.append(_no_resolver_warning(config, facts))
 
     tun = config.tun_name
-    ops: list[Op] = [*_firewall_ops(config, facts, proxy_ips, dns, ipv6), CreateTun(tun, config.mtu, config.offload)]
+    ops: list[Op] = [*_firewall_ops(config, facts, proxy_ips, dns, ipv6, sel, held), CreateTun(tun, config.mtu, config.offload)]
     if ipv6 and facts.sysctls.get("net.ipv6.conf.default.disable_ipv6") == "1":
         # A new interface inherits default.disable_ipv6; with it set the kernel refuses the
         # TUN's IPv6 address and route. Only then do we touch it, and only on our TUN.
@@ -195,6 +243,7 @@ def build_plan(config: Config, facts: HostFacts) -> Plan:
     for family in families:
         ops.append(AddRule(family, config.capture_mark, config.table, config.rule_priority))
 
-    plan = Plan(tuple(ops), dns, proxy_ips, tuple(warnings), facts.firewall)
+    plan = Plan(tuple(ops), dns, proxy_ips, tuple(warnings), facts.firewall, sel,
+                facts.cgroup2 if sel is not None else None, held)
     log.debug("plan: %d operations, dns bypass %s, proxy %s", len(plan.ops), dns, proxy_ips)
     return plan

@@ -50,3 +50,13 @@ class HostFacts:
     iptables_tables: frozenset[str] | None = None
     """With the iptables backend: the tables that exist, as "4/mangle", "6/filter"...
     (what iptables-save lists); None when unknown (no privileges, as in a dry run)."""
+    cgroup2: str | None = None
+    """Where the cgroup v2 filesystem is mounted (from /proc/self/mounts); None: not mounted
+    in this mount namespace, so no cgroup rules (and no `proxyvpn exec` rules)."""
+    cgroups: tuple[tuple[str, int], ...] = ()
+    """Existing cgroups as (path relative to the cgroup2 root, e.g. "/user.slice", cgroup
+    id = inode number). Read only when a cgroup selection or the exec cgroups need it."""
+    users: Mapping[str, int] = field(default_factory=dict, hash=False)
+    """uid of each user name the selection names (unknown names are absent)."""
+    groups: Mapping[str, int] = field(default_factory=dict, hash=False)
+    """gid of each group name the selection names (unknown names are absent)."""

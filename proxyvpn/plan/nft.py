@@ -14,6 +14,9 @@ Chains (locally generated packets only):
   output hook's `oifname` is fixed before the hook runs, so it still names the ORIGINAL
   device of a re-routed packet; captured packets are therefore accepted by their mark
   here, and
+* selection (a regular chain, only with per-app routing or a cgroup2 filesystem): both
+  capture and killswitch jump to it; `accept` there leaves unselected traffic alone (not
+  marked, not blocked), `return` hands selected traffic back (see proxyvpn.plan.selection).
 * killswitch_post (postrouting hook, type filter, only with --killswitch), where oifname
   is the device the packet really leaves by, drops captured packets that did not end up
   in the TUN - after a crash the TUN and its route are gone while the mark and the rule
@@ -24,11 +27,17 @@ Chains (locally generated packets only):
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from proxyvpn.config import Config
+from proxyvpn.plan.selection import (
+    EXEC_LEVEL,
+    MAX_LEVEL,
+    ResolvedSelection,
+    level_set,
+)
 
 FAMILY = "inet"
 TABLE = "proxyvpn"
@@ -60,11 +69,12 @@ class NftSet:
     name: str
     """Set name, referenced as @name."""
     type: str
-    """"ipv4_addr" or "ipv6_addr"."""
+    """"ipv4_addr", "ipv6_addr" or "cgroupsv2"."""
     interval: bool
     """Holds prefixes (flags interval) rather than single addresses."""
     elements: tuple[str, ...]
-    """Addresses or prefixes (normalised, sorted, non-overlapping)."""
+    """Addresses or prefixes (normalised, sorted, non-overlapping); for cgroupsv2, cgroup
+    references as nft resolves them (selection.nft_cgroup_ref)."""
 
 
 @dataclass(frozen=True)
@@ -74,7 +84,7 @@ class NftChain:
     name: str
     """Chain name."""
     hook: str
-    """Netfilter hook: "output" or "postrouting"."""
+    """Netfilter hook: "output" or "postrouting"; "" for a regular chain (jump target)."""
     type: str
     """Chain type: "route" or "filter"."""
     prio: int
@@ -113,6 +123,12 @@ def _element(value: str) -> tuple[Any, str]:
             str(net))
 
 
+def _set_element(s: NftSet, value: str) -> tuple[Any, str]:
+    if s.type == "cgroupsv2":
+        return value, '"' + value.replace('"', '') + '"'
+    return _element(value)
+
+
 def _anon_set(values: Iterable[str]) -> tuple[Any, str]:
     elems = [_element(v) for v in values]
     return {"set": [e[0] for e in elems]}, "{ " + ", ".join(e[1] for e in elems) + " }"
@@ -148,6 +164,20 @@ def _port(protocol: str, fld: str, port: int) -> Stmt:
     return _match(_payload(protocol, fld), port, str(port))
 
 
+def _skid(key: str, ids: Sequence[int]) -> Stmt:
+    # meta skuid/skgid: the owner of the socket that sent the packet (its creator's fsuid /
+    # fsgid), so `sg GROUP cmd` and `setpriv --regid` select a process by group.
+    if len(ids) == 1:
+        return _match(_meta(key), ids[0], str(ids[0]))
+    return _match(_meta(key), {"set": list(ids)}, "{ " + ", ".join(map(str, ids)) + " }")
+
+
+def _in_cgroup_set(level: int, name: str) -> Stmt:
+    return Stmt({"match": {"op": "==", "left": {"socket": {"key": "cgroupv2", "level": level}},
+                           "right": f"@{name}"}},
+                f"socket cgroupv2 level {level} @{name}")
+
+
 _RETURN = Stmt({"return": None}, "return")
 _ACCEPT = Stmt({"accept": None}, "accept")
 _COUNTER = Stmt({"counter": None}, "counter")
@@ -175,13 +205,59 @@ def _collapse(cidrs: Iterable[str], version: int) -> tuple[str, ...]:
     return tuple(str(n) for n in ipaddress.collapse_addresses(nets))  # type: ignore[arg-type]
 
 
+_JUMP_SELECTION = Stmt({"jump": {"target": "selection"}}, "jump selection")
+
+
+def _selection_rules(sel: ResolvedSelection) -> tuple[tuple[Stmt, ...], ...]:
+    """The selection chain: accept = unselected (left alone), return = selected."""
+    rules: list[tuple[Stmt, ...]] = []
+    if sel.exec_cgroup:
+        rules.append((_in_cgroup_set(EXEC_LEVEL, "exec_direct"), _ACCEPT))
+        rules.append((_in_cgroup_set(EXEC_LEVEL, "exec_capture"), _RETURN))
+    for verdict, uids, gids, patterns, kind in (
+            (_ACCEPT, sel.skip_uids, sel.skip_gids, sel.skip_cgroups, "skip"),
+            (_RETURN, sel.only_uids, sel.only_gids, sel.only_cgroups, "only")):
+        if uids:
+            rules.append((_skid("skuid", uids), verdict))
+        if gids:
+            rules.append((_skid("skgid", gids), verdict))
+        if patterns:
+            rules += [(_in_cgroup_set(n, level_set(kind, n)), verdict)
+                      for n in range(1, MAX_LEVEL + 1)]
+    if sel.has_only:
+        rules.append((_ACCEPT,))
+    return tuple(rules)
+
+
+def _selection_sets(sel: ResolvedSelection,
+                    elements: Mapping[str, Sequence[str]]) -> tuple[NftSet, ...]:
+    return tuple(NftSet(name, "cgroupsv2", False, tuple(sorted(set(elements.get(name, ())))))
+                 for name in sel.set_names())
+
+
+def uses_selection(sel: ResolvedSelection | None) -> bool:
+    """The table has a selection chain (something to select, or exec cgroups to honour)."""
+    return sel is not None and bool(_selection_rules(sel))
+
+
+def needs_text_load(sel: ResolvedSelection | None) -> bool:
+    """The ruleset must be loaded as nft text: libnftables 1.0.x's JSON parser knows no
+    `socket cgroupv2` (newer ones read the JSON form this module also emits)."""
+    return sel is not None and bool(sel.set_names())
+
+
 def build_model(config: Config, proxy_ips: Sequence[str], dns_bypass: Sequence[str], *,
-                ipv6: bool | None = None) -> tuple[tuple[NftSet, ...], tuple[NftChain, ...]]:
+                ipv6: bool | None = None, selection: ResolvedSelection | None = None,
+                cgroup_elements: Mapping[str, Sequence[str]] | None = None,
+                ) -> tuple[tuple[NftSet, ...], tuple[NftChain, ...]]:
     """The sets and chains of table inet proxyvpn for this configuration.
 
     `ipv6`: capture IPv6 TCP (default: config.ipv6). Without it IPv6 is never marked and,
-    with the killswitch, blocked like any other leak.
+    with the killswitch, blocked like any other leak. `selection`: per-app routing (None:
+    the whole host, no selection chain); `cgroup_elements`: the initial contents of its
+    cgroup sets (set name -> cgroup references).
     """
+    select = uses_selection(selection)
     capture_v6 = config.ipv6 if ipv6 is None else ipv6
     proxy4, proxy6 = _split(proxy_ips)
     dns4, dns6 = _split(dns_bypass)
@@ -193,6 +269,8 @@ def build_model(config: Config, proxy_ips: Sequence[str], dns_bypass: Sequence[s
         NftSet("exclude4", "ipv4_addr", True, _collapse(config.excludes, 4)),
         NftSet("exclude6", "ipv6_addr", True, _collapse(config.excludes, 6)),
     )
+    if selection is not None:
+        sets += _selection_sets(selection, cgroup_elements or {})
     tun = config.tun_name
     tun_net4 = str(ipaddress.ip_interface(config.tun_cidr).network)
     tun_net6 = str(ipaddress.ip_interface(config.tun_cidr6).network)
@@ -223,12 +301,19 @@ def build_model(config: Config, proxy_ips: Sequence[str], dns_bypass: Sequence[s
     for family in families:
         # DNS over TCP to an allowed resolver goes direct, like DNS over UDP does.
         capture.append((_port("tcp", "dport", 53), _in_set(family, f"dns{family}"), _RETURN))
+    if select:
+        capture.append((_JUMP_SELECTION,))
     capture.append((_set_mark(config.capture_mark),))
 
-    chains = [NftChain("capture", "output", "route", -150, "mangle", tuple(capture))]
+    chains = []
+    if select:
+        assert selection is not None
+        # Declared first: the base chains jump to it.
+        chains.append(NftChain("selection", "", "", 0, "", _selection_rules(selection)))
+    chains.append(NftChain("capture", "output", "route", -150, "mangle", tuple(capture)))
     if config.killswitch:
         chains.append(NftChain("killswitch", "output", "filter", 0, "filter",
-                               tuple(_killswitch_rules(config))))
+                               tuple(_killswitch_rules(config, select))))
         chains.append(NftChain("killswitch_post", "postrouting", "filter", 0, "filter", (
             (_mark(config.capture_mark), _match(_meta("oifname"), config.tun_name,
                                                 f'"{config.tun_name}"', "!="),
@@ -237,7 +322,7 @@ def build_model(config: Config, proxy_ips: Sequence[str], dns_bypass: Sequence[s
     return sets, tuple(chains)
 
 
-def _killswitch_rules(config: Config) -> list[tuple[Stmt, ...]]:
+def _killswitch_rules(config: Config, select: bool = False) -> list[tuple[Stmt, ...]]:
     rules: list[tuple[Stmt, ...]] = [
         (_oifname("lo"), _ACCEPT),
         # Captured: re-routed to the TUN by the capture chain, though oifname here still
@@ -245,6 +330,9 @@ def _killswitch_rules(config: Config) -> list[tuple[Stmt, ...]]:
         (_mark(config.capture_mark), _ACCEPT),
         (_oifname(config.tun_name), _ACCEPT),
     ]
+    if select:
+        # Unselected traffic is accepted there; selected traffic comes back to be held.
+        rules.append((_JUMP_SELECTION,))
     if config.proxy is not None:
         # Both our relay sockets and apps configured to use the proxy only reach the proxy
         # port; nothing else at the proxy's address is allowed.
@@ -284,13 +372,16 @@ def _ids() -> dict[str, str]:
 
 
 def build_ruleset(config: Config, proxy_ips: Sequence[str], dns_bypass: Sequence[str], *,
-                  ipv6: bool | None = None) -> list[dict[str, Any]]:
+                  ipv6: bool | None = None, selection: ResolvedSelection | None = None,
+                  cgroup_elements: Mapping[str, Sequence[str]] | None = None,
+                  ) -> list[dict[str, Any]]:
     """libnftables JSON commands (the list inside {"nftables": [...]}), one atomic batch.
 
     The table is created with "create", which fails if a table of that name exists: we
     never merge our rules into a table somebody (or a crashed proxyvpn) left behind.
     """
-    sets, chains = build_model(config, proxy_ips, dns_bypass, ipv6=ipv6)
+    sets, chains = build_model(config, proxy_ips, dns_bypass, ipv6=ipv6, selection=selection,
+                               cgroup_elements=cgroup_elements)
     cmds: list[dict[str, Any]] = [
         {"metainfo": {"json_schema_version": 1}},
         {"create": {"table": {"family": FAMILY, "name": TABLE}}},
@@ -303,10 +394,15 @@ def build_ruleset(config: Config, proxy_ips: Sequence[str], dns_bypass: Sequence
         if s.elements:
             # Empty sets load fine; an "add element" with no elements would not.
             cmds.append({"add": {"element": {**_ids(), "name": s.name,
-                                             "elem": [_element(e)[0] for e in s.elements]}}})
+                                             "elem": [_set_element(s, e)[0]
+                                                      for e in s.elements]}}})
     for c in chains:
-        cmds.append({"add": {"chain": {**_ids(), "name": c.name, "type": c.type,
-                                       "hook": c.hook, "prio": c.prio, "policy": "accept"}}})
+        if not c.hook:
+            cmds.append({"add": {"chain": {**_ids(), "name": c.name}}})
+        else:
+            cmds.append({"add": {"chain": {**_ids(), "name": c.name, "type": c.type,
+                                           "hook": c.hook, "prio": c.prio,
+                                           "policy": "accept"}}})
         for rule in c.rules:
             cmds.append({"add": {"rule": {**_ids(), "chain": c.name,
                                           "expr": [s.json for s in rule]}}})
@@ -314,9 +410,11 @@ def build_ruleset(config: Config, proxy_ips: Sequence[str], dns_bypass: Sequence
 
 
 def render_text(config: Config, proxy_ips: Sequence[str], dns_bypass: Sequence[str], *,
-                ipv6: bool | None = None) -> str:
+                ipv6: bool | None = None, selection: ResolvedSelection | None = None,
+                cgroup_elements: Mapping[str, Sequence[str]] | None = None) -> str:
     """The same ruleset in nft syntax (`nft -f` accepts it; the dry run prints it)."""
-    sets, chains = build_model(config, proxy_ips, dns_bypass, ipv6=ipv6)
+    sets, chains = build_model(config, proxy_ips, dns_bypass, ipv6=ipv6, selection=selection,
+                               cgroup_elements=cgroup_elements)
     lines = [f"create table {FAMILY} {TABLE}", f"table {FAMILY} {TABLE} {{"]
     for s in sets:
         lines.append(f"\tset {s.name} {{")
@@ -324,11 +422,14 @@ def render_text(config: Config, proxy_ips: Sequence[str], dns_bypass: Sequence[s
         if s.interval:
             lines.append("\t\tflags interval")
         if s.elements:
-            lines.append("\t\telements = { " + ", ".join(_element(e)[1] for e in s.elements) + " }")
+            lines.append("\t\telements = { "
+                         + ", ".join(_set_element(s, e)[1] for e in s.elements) + " }")
         lines.append("\t}")
     for c in chains:
         lines.append(f"\tchain {c.name} {{")
-        lines.append(f"\t\ttype {c.type} hook {c.hook} priority {c.prio_name}; policy accept;")
+        if c.hook:
+            lines.append(f"\t\ttype {c.type} hook {c.hook} priority {c.prio_name}; "
+                         "policy accept;")
         for rule in c.rules:
             lines.append("\t\t" + " ".join(s.text for s in rule))
         lines.append("\t}")
@@ -336,6 +437,22 @@ def render_text(config: Config, proxy_ips: Sequence[str], dns_bypass: Sequence[s
     return "\n".join(lines) + "\n"
 
 
-def chain_names(config: Config) -> tuple[str, ...]:
+def chain_names(config: Config, selection: ResolvedSelection | None = None) -> tuple[str, ...]:
     """Names of the chains the ruleset creates (what `verify` checks after loading)."""
-    return ("capture", "killswitch", "killswitch_post") if config.killswitch else ("capture",)
+    base = ("capture", "killswitch", "killswitch_post") if config.killswitch else ("capture",)
+    return (("selection",) if uses_selection(selection) else ()) + base
+
+
+def element_commands(items: Iterable[tuple[Any, str]]) -> str:
+    """nft text adding/deleting cgroup set elements, one line per (verb, set) in first-seen
+    order; loaded as one buffer it is one transaction. `items`: (selection.Change, the
+    cgroup reference nft resolves, see selection.nft_cgroup_ref)."""
+    groups: dict[tuple[bool, str], list[str]] = {}
+    for change, ref in items:
+        groups.setdefault((change.add, change.set), []).append(ref)
+    lines = []
+    for (add, name), refs in groups.items():
+        verb = "add" if add else "delete"
+        quoted = ", ".join('"' + r.replace('"', '') + '"' for r in refs)
+        lines.append(f"{verb} element {FAMILY} {TABLE} {name} {{ {quoted} }}")
+    return "\n".join(lines) + ("\n" if lines else "")

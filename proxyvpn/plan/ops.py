@@ -92,6 +92,9 @@ class LoadNftTable(Op):
     """libnftables JSON commands (the items of {"nftables": [...]}), applied as one batch."""
     text: str = ""
     """The same ruleset in nft syntax, for the dry run and the log."""
+    load_text: bool = False
+    """Load `text` rather than the JSON: set when the ruleset has `socket cgroupv2`
+    matches, which libnftables 1.0.x's JSON parser does not know."""
 
     def command(self) -> str:
         return f"nft -f - <<'EOF'\n{self.text.rstrip()}\nEOF"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 from proxyvpn.plan.build import Plan
@@ -19,9 +20,32 @@ def render_commands(plan: Plan) -> str:
         f"# DNS bypass: {', '.join(plan.dns_bypass) or '(none)'}",
         f"# firewall backend: {plan.firewall}",
     ]
+    lines += selection_lines(plan)
     lines += [f"# warning: {w}" for w in plan.warnings]
     lines += [f"[#] {op.command()}" for op in plan.ops]
     return "\n".join(lines) + "\n"
+
+
+def selection_lines(plan: Plan) -> list[str]:
+    """Comment lines saying whose traffic is captured (the rules are in the nft text)."""
+    sel = plan.selection
+    if sel is None:
+        return ["# selection: the whole host"]
+    parts = []
+    for label, values in (("only uid", sel.only_uids), ("only gid", sel.only_gids),
+                          ("only cgroup", sel.only_cgroups), ("skip uid", sel.skip_uids),
+                          ("skip gid", sel.skip_gids), ("skip cgroup", sel.skip_cgroups)):
+        if values:
+            parts.append(f"{label} {', '.join(map(str, values))}")
+    lines = [f"# selection: {'; '.join(parts) if parts else 'the whole host'}"]
+    if sel.exec_cgroup:
+        root = (plan.cgroup2 or "").rstrip("/")
+        lines.append(f"# proxyvpn exec cgroups: {root}/{sel.exec_cgroup}/capture (captured), "
+                     f"{root}/{sel.exec_cgroup}/direct (left alone)")
+    if sel.watches_cgroups:
+        lines.append(f"# cgroup watcher: {len(plan.cgroups_held)} cgroup(s) selected now; "
+                     "new ones are added while up runs")
+    return lines
 
 
 def plan_to_dict(plan: Plan) -> dict:
@@ -37,6 +61,11 @@ def plan_to_dict(plan: Plan) -> dict:
         "proxy_ips": list(plan.proxy_ips),
         "warnings": list(plan.warnings),
         "firewall": plan.firewall,
+        "selection": None if plan.selection is None else {
+            **dataclasses.asdict(plan.selection),
+            "cgroup2": plan.cgroup2,
+            "cgroups": [{"path": p, "id": i} for p, i in plan.cgroups_held],
+        },
     }
 
 

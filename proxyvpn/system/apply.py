@@ -92,7 +92,10 @@ class _Executor:
 
     def _load_nft(self, op: LoadNftTable) -> None:
         try:
-            nft.load(op.ruleset)
+            if op.load_text:
+                nft.load_text(op.text)
+            else:
+                nft.load(op.ruleset)
         except nft.NftError as exc:
             if exc.errno == errno.EEXIST:
                 raise nft.NftError(errno.EEXIST, (

@@ -5,8 +5,11 @@ does too. Changes nothing.
 
 from __future__ import annotations
 
+import contextlib
+import grp
 import ipaddress
 import logging
+import pwd
 import socket
 from pathlib import Path
 
@@ -14,7 +17,8 @@ from proxyvpn.config import Config
 from proxyvpn.errors import ConfigError
 from proxyvpn.plan.build import iface_sysctl
 from proxyvpn.plan.facts import HostFacts
-from proxyvpn.system import firewall, iptables
+from proxyvpn.plan.selection import EXEC_MODES, exec_path
+from proxyvpn.system import cgroups, firewall, iptables
 from proxyvpn.system.netlink import Netlink
 from proxyvpn.system.sysctl import PROC_SYS, read_sysctl
 
@@ -82,6 +86,34 @@ def resolve_proxy(config: Config) -> tuple[str, ...]:
     return tuple(out)
 
 
+def _lookup(names: tuple[str, ...], getter) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for name in names:
+        if name.isdigit():
+            continue
+        with contextlib.suppress(KeyError):  # the planner reports unknown names
+            out[name] = getter(name)
+    return out
+
+
+def read_cgroups(config: Config, root: str | None) -> tuple[tuple[str, int], ...]:
+    """The cgroups the plan's sets may start with: the whole tree when a pattern needs
+    it, else only the exec leaves."""
+    if root is None:
+        return ()
+    sel = config.selection
+    if sel.only_cgroups or sel.skip_cgroups:
+        return tuple(sorted(cgroups.scan(root).items()))
+    out = []
+    for mode in EXEC_MODES:
+        rel = exec_path(config.exec_cgroup, mode)
+        try:
+            out.append((rel, Path(root + rel).stat().st_ino))
+        except OSError:
+            continue
+    return tuple(out)
+
+
 def read_facts(config: Config, *, resolv_conf: Path = RESOLV_CONF,
                systemd_resolv_conf: Path = SYSTEMD_RESOLV_CONF) -> HostFacts:
     """Everything build_plan needs, read from this host (this network namespace)."""
@@ -105,6 +137,8 @@ def read_facts(config: Config, *, resolv_conf: Path = RESOLV_CONF,
     backend = firewall.resolve(config.firewall_backend)
     # Which iptables tables exist, so that the undo can remove the ones `up` creates.
     ipt_tables = iptables.existing_tables() if backend == "iptables" else None
+    root = cgroups.cgroup2_mount()
+    sel = config.selection
     facts = HostFacts(
         resolvers=read_resolvers(resolv_conf),
         systemd_upstreams=read_resolvers(systemd_resolv_conf),
@@ -117,6 +151,10 @@ def read_facts(config: Config, *, resolv_conf: Path = RESOLV_CONF,
         ipv6_enabled=ipv6_enabled,
         firewall=backend,
         iptables_tables=ipt_tables,
+        cgroup2=root,
+        cgroups=read_cgroups(config, root),
+        users=_lookup(sel.only_users + sel.skip_users, lambda n: pwd.getpwnam(n).pw_uid),
+        groups=_lookup(sel.only_groups + sel.skip_groups, lambda n: grp.getgrnam(n).gr_gid),
     )
     log.debug("host facts: %s", facts)
     return facts

@@ -63,6 +63,25 @@ class _Backend:
     def name(self) -> str:
         return "libnftables" if self._lib is not None else "nft"
 
+    def run_text(self, text: str, pass_fds: tuple[int, ...] = ()) -> tuple[int, str]:
+        """(rc, error text) of nft commands in nft syntax, one transaction. `pass_fds`: fds
+        the text names as /proc/self/fd/N; the nft binary inherits them at the same numbers."""
+        if self._lib is not None:
+            self._lib.set_json_output(False)
+            try:
+                rc, _, error = self._lib.cmd(text)
+            finally:
+                self._lib.set_json_output(True)
+            return rc, error or ""
+        binary = shutil.which("nft") or "/usr/sbin/nft"
+        try:
+            proc = subprocess.run([binary, "-f", "-"], input=text, capture_output=True,
+                                  text=True, timeout=30, check=False, pass_fds=pass_fds,
+                                  preexec_fn=child_preexec)
+        except FileNotFoundError:
+            return 1, "neither libnftables nor the nft binary is available"
+        return proc.returncode, proc.stderr
+
     def run(self, document: dict[str, Any]) -> tuple[int, Any, str]:
         """(rc, parsed JSON output or None, error text)."""
         if self._lib is not None:
@@ -104,6 +123,13 @@ def use(name: str) -> None:
 def load(commands: Iterable[dict[str, Any]]) -> None:
     """Load a batch of libnftables JSON commands atomically; NftError on failure."""
     rc, _, error = backend().run({"nftables": list(commands)})
+    if rc != 0:
+        raise _error("nft rejected the ruleset", error)
+
+
+def load_text(text: str, pass_fds: tuple[int, ...] = ()) -> None:
+    """Load nft-syntax commands atomically (one transaction); NftError on failure."""
+    rc, error = backend().run_text(text, pass_fds)
     if rc != 0:
         raise _error("nft rejected the ruleset", error)
 

@@ -122,3 +122,13 @@ def test_verbose_prints_dns_bypass_and_warns_without_resolver(monkeypatch, caplo
     assert "warning: killswitch on and no resolver reachable" in caplog.text
     assert "local stub 127.0.0.53" in caplog.text and "--allow-dns" in caplog.text
     assert "# warning: killswitch on and no resolver reachable" in result.output
+
+
+def test_exec_refuses_when_nothing_runs(tmp_path):
+    """A captured exec without a running `up` would talk directly: one line, exit 2,
+    and no cgroup is created or entered."""
+    result = CliRunner().invoke(main, ["exec", "--state-dir", str(tmp_path / "st"),
+                                       "--exec-cgroup", "pvunit-never", "--", "true"])
+    assert result.exit_code == 2
+    assert "proxyvpn is not running" in result.output and "exec --direct" in result.output
+    assert "Traceback" not in result.output

@@ -79,6 +79,25 @@ CASES = {
     ),
 }
 
+CASES["select_users_groups"] = (
+    # No cgroup2 in the facts: uid/gid rules only, still JSON-loadable (tests/netns).
+    config(only_user=["alice", "1001"], skip_group=["nogroup"]),
+    dataclasses.replace(FACTS, users={"alice": 1000}, groups={"nogroup": 65534}),
+)
+
+CG_FACTS = dataclasses.replace(
+    FACTS, cgroup2="/sys/fs/cgroup/unified",
+    cgroups=(("/proxyvpn", 2), ("/proxyvpn/capture", 3), ("/system.slice", 4),
+             ("/user.slice", 5), ("/user.slice/user-1000.slice", 6),
+             ("/user.slice/user-1000.slice/app-firefox@1.service", 7)))
+SEL_CASES = {
+    # cgroup sets: loaded as nft text (libnftables 1.0 JSON lacks socket cgroupv2).
+    "select_cgroups": (config(only_cgroup=[r"app-firefox@\d+\.service$"],
+                              skip_cgroup=["^/system\\.slice"]), CG_FACTS),
+    "select_exec_only": (config(), CG_FACTS),
+}
+"""Per-app routing with cgroups; their element paths do not exist on the test host."""
+
 
 IPT_FACTS = dataclasses.replace(FACTS, firewall="iptables",
                                 iptables_tables=frozenset({"4/filter"}))
@@ -98,9 +117,9 @@ IPT_CASES = {
 """Kept apart from CASES, whose first op is the nftables table (tests/netns checks it)."""
 
 
-@pytest.mark.parametrize("case", sorted([*CASES, *IPT_CASES]))
+@pytest.mark.parametrize("case", sorted([*CASES, *IPT_CASES, *SEL_CASES]))
 def test_golden_plan(case):
-    cfg, facts = CASES.get(case) or IPT_CASES[case]
+    cfg, facts = CASES.get(case) or IPT_CASES.get(case) or SEL_CASES[case]
     text = plan_to_json(build_plan(cfg, facts))
     path = GOLDEN / f"{case}.json"
     if UPDATE:

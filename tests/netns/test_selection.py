@@ -1,0 +1,172 @@
+"""Per-app routing on a real kernel with a real proxy: by user, by cgroup (picked up live by
+the watcher) and `proxyvpn exec`.
+
+`ip netns exec` gives each command a fresh mount namespace with a new /sys and no cgroup
+mount, so every command here that needs cgroups mounts cgroup2 at /sys/fs/cgroup inside its
+own namespace first (the same hierarchy the host has; the mount is private to it). The
+cgroups the tests create are uniquely named, directly under the cgroup2 root, and always
+removed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+import uuid
+from contextlib import contextmanager, suppress
+from pathlib import Path
+
+from nslib import wait_for
+from test_killswitch import capture
+from topology import PYTHON, REPO, SERVER4
+
+from proxyvpn.system.cgroups import cgroup2_mount
+
+MOUNT = 'mount -t cgroup2 cgroup2 /sys/fs/cgroup && exec "$@"'
+CLIENT = ("import socket,sys\n"
+          "s=socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)\n"
+          "s.close(); print('connected')\n")
+
+
+def in_cgroup_ns(*cmd: str) -> list[str]:
+    return ["sh", "-c", MOUNT, "sh", *cmd]
+
+
+def connect_argv(port: int) -> list[str]:
+    return ["/usr/bin/python3", "-c", CLIENT, SERVER4, str(port)]
+
+
+def start_vpn(lab, *extra: str):
+    """`proxyvpn up` with cgroup2 mounted in its mount namespace; waits for "up:"."""
+    log = open(lab.workdir / "proxyvpn.log", "a")  # noqa: SIM115 (lives with the process)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    lab.vpn = lab.client.popen(*in_cgroup_ns(*lab.vpn_argv(*extra)), stdout=log,
+                               stderr=subprocess.STDOUT, env=env)
+
+    def ready() -> bool:
+        if lab.vpn.poll() is not None:
+            raise AssertionError(f"proxyvpn exited {lab.vpn.returncode}:\n{lab.vpn_log()}")
+        return "up:" in lab.vpn_log()
+    wait_for(ready, timeout=20, what="proxyvpn up")
+
+
+def servers(lab, *ports: int) -> None:
+    for port in ports:
+        lab.start_server(port=port)
+
+
+def proxied(lab, port: int) -> bool:
+    return f"{SERVER4}:{port}" in lab.proxy_log_text()
+
+
+@contextmanager
+def cgroup_base():
+    """A unique top-level cgroup directory name; its whole subtree is removed at the end."""
+    root = cgroup2_mount()
+    assert root, "the host has no cgroup2 mount"
+    name = f"pvtest-{uuid.uuid4().hex[:10]}"
+    try:
+        yield name
+    finally:
+        base = Path(root) / name
+        for _ in range(50):
+            if not base.exists():
+                break
+            dirs = sorted((p for p in base.rglob("*") if p.is_dir()),
+                          key=lambda p: len(p.parts), reverse=True)
+            for d in [*dirs, base]:
+                with suppress(OSError):
+                    for pid in (d / "cgroup.procs").read_text().split():
+                        with suppress(ProcessLookupError):
+                            os.kill(int(pid), 9)
+                with suppress(OSError):
+                    d.rmdir()
+            time.sleep(0.1)
+        assert not base.exists(), f"could not remove test cgroup {base}"
+
+
+def test_only_user_selected_proxied_other_direct_and_held_by_killswitch(lab):
+    servers(lab, 9001, 9002, 9003, 9004)
+    with cgroup_base() as name:
+        start_vpn(lab, "--only-user", "nobody", "--exec-cgroup", name)
+        as_nobody = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
+        assert "connected" in lab.client.run(*as_nobody, *connect_argv(9001)).stdout
+        assert "connected" in lab.client.run(*connect_argv(9002)).stdout  # root: not selected
+        wait_for(lambda: proxied(lab, 9001), timeout=5, what="the proxy to log :9001")
+        assert not proxied(lab, 9002), "unselected traffic went through the proxy"
+
+        lab.stop_proxy()
+        with capture(lab) as packets:
+            blocked = lab.client.run(*as_nobody, *connect_argv(9003), check=False)
+            direct = lab.client.run(*connect_argv(9004), check=False)
+        assert blocked.returncode != 0, "selected traffic connected with the proxy down"
+        assert "connected" in direct.stdout, "unselected traffic was blocked"
+        assert not [p for p in packets if p[3] == 9003], "selected traffic left directly"
+        assert [p for p in packets if p[3] == 9004], "the unselected connection was not seen"
+        assert lab.stop_vpn() == 0
+
+
+def _set_ids(lab, set_name: str) -> set[int]:
+    out = lab.client.run("nft", "-j", "list", "set", "inet", "proxyvpn", set_name).stdout
+    for item in json.loads(out)["nftables"]:
+        if "set" in item:
+            return {int(e) for e in item["set"].get("elem", [])}
+    return set()
+
+
+def test_cgroup_created_after_up_is_captured_within_a_second(lab):
+    servers(lab, 9011, 9012)
+    with cgroup_base() as name:
+        start_vpn(lab, "--only-cgroup", f"^/{name}/sel-", "--exec-cgroup", f"{name}x")
+        root = cgroup2_mount()
+        sel, other = Path(root) / name / "sel-1", Path(root) / name / "other-1"
+        other.mkdir(parents=True)
+        start = time.monotonic()
+        sel.mkdir()
+        wait_for(lambda: sel.stat().st_ino in _set_ids(lab, "cg_only_l2"), timeout=1.0,
+                 interval=0.02, what="the new cgroup in the nft set")
+        elapsed = time.monotonic() - start
+        assert elapsed < 1.0
+        assert other.stat().st_ino not in _set_ids(lab, "cg_only_l2")
+
+        def run_in(cgroup: Path, port: int):
+            rel = "/sys/fs/cgroup/" + str(cgroup.relative_to(root))
+            script = f'echo $$ > {rel}/cgroup.procs && exec "$@"'
+            return lab.client.run(*in_cgroup_ns("sh", "-c", script, "sh",
+                                                *connect_argv(port)), check=False)
+
+        assert "connected" in run_in(sel, 9011).stdout
+        assert "connected" in run_in(other, 9012).stdout
+        wait_for(lambda: proxied(lab, 9011), timeout=5, what="the proxy to log :9011")
+        assert not proxied(lab, 9012), "a cgroup that does not match was captured"
+
+        # Removal takes it out of the set again.
+        sel.rmdir()
+        wait_for(lambda: not _set_ids(lab, "cg_only_l2"), timeout=1.0, interval=0.02,
+                 what="the removed cgroup to leave the set")
+        assert lab.stop_vpn() == 0
+        assert lab.client.run("nft", "list", "table", "inet", "proxyvpn",
+                              check=False).returncode != 0, "the table outlived up"
+
+
+def test_exec_captures_and_exec_direct_bypasses(lab):
+    servers(lab, 9021, 9022)
+    with cgroup_base() as name:
+        # Whole-host capture with the killswitch, no selection flags: exec still works.
+        start_vpn(lab, "--exec-cgroup", name)
+        exec_ = [PYTHON, "-m", "proxyvpn", "exec", "--exec-cgroup", name,
+                 "--state-dir", str(lab.vpn_state)]
+        env = ["env", f"PYTHONPATH={REPO}"]
+        captured = lab.client.run(*in_cgroup_ns(*env, *exec_, "--", *connect_argv(9021)),
+                                  check=False)
+        assert "connected" in captured.stdout, captured.stderr
+        direct = lab.client.run(*in_cgroup_ns(*env, *exec_, "--direct", "--",
+                                              *connect_argv(9022)), check=False)
+        assert "connected" in direct.stdout, direct.stderr
+        wait_for(lambda: proxied(lab, 9021), timeout=5, what="the proxy to log :9021")
+        assert not proxied(lab, 9022), "exec --direct went through the proxy"
+        root = cgroup2_mount()
+        assert (Path(root) / name / "capture").is_dir() and (Path(root) / name / "direct").is_dir()
+        assert lab.stop_vpn() == 0
