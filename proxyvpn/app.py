@@ -156,6 +156,7 @@ def run_exec(argv: tuple[str, ...], *, direct: bool, exec_cgroup: str,
     which inherits the terminal, environment and cgroup. Returns only by raising."""
     from proxyvpn.errors import ConfigError
     from proxyvpn.plan.selection import exec_path
+    from proxyvpn.privileges import drop_all
     from proxyvpn.system import cgroups
     from proxyvpn.system.state import StateDir, resolve_state_dir
 
@@ -175,6 +176,7 @@ def run_exec(argv: tuple[str, ...], *, direct: bool, exec_cgroup: str,
     rel = exec_path(exec_cgroup, "direct" if direct else "capture")
     if cgroups.enter(Path(root.rstrip("/") + rel)):
         time.sleep(EXEC_SETTLE)
+    drop_all()
     try:
         os.execvp(argv[0], list(argv))
     except OSError as exc:

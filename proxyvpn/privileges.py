@@ -313,6 +313,20 @@ def scrub_environ() -> None:
         os.environ.pop(key, None)
 
 
+def drop_all() -> CapState:
+    """Give up every capability before `proxyvpn exec` runs the user's command: the
+    launcher handed CAP_NET_ADMIN on (ambient, so it would survive exec), and an app or
+    shell must never hold it. Root (`sudo proxyvpn exec`) stays root: that was asked for."""
+    if os.getuid() == 0:
+        return read_caps()
+    _check(_prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL), "clearing ambient capabilities")
+    _capset(0, 0, 0)
+    state = read_caps()
+    if state.permitted or state.ambient or state.effective:
+        raise PrivilegeError(f"could not drop capabilities {format_caps(state.permitted)}")
+    return state
+
+
 def child_preexec() -> None:
     """preexec_fn for subprocesses: they get SIGTERM if proxyvpn dies.
 
