@@ -32,6 +32,9 @@
  *     ambient = {CAP_NET_ADMIN}, then PR_SET_NO_NEW_PRIVS.
  *  6. Environment: rebuilt from nothing (see build_env()).
  *
+ * `proxyvpn exec ...` (argv[1] is "exec") differs in 5 and 6: every capability is
+ * dropped instead, and the caller's environment is kept for the command it runs.
+ *
  * Why ambient, and the execve(2) arithmetic (capabilities(7)); F = file caps:
  *     pA' = (file has caps or is set-id) ? 0 : pA
  *     pP' = (pI & fI) | (fP & bounding) | pA'
@@ -340,6 +343,22 @@ static void confine_capabilities(void)
         die("CAP_NET_ADMIN is not ambient (internal error)");
 }
 
+/* `proxyvpn exec`: no capability at all, so the caller's command runs as the caller. */
+static void drop_all_capabilities(void)
+{
+    struct __user_cap_data_struct data[2];
+    memset(data, 0, sizeof data);
+    if (prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) != 0 && errno != EINVAL)
+        die("cannot clear ambient capabilities: %s", strerror(errno));
+    if (capset_v3(data) != 0)
+        die("capset: %s", strerror(errno));
+    if (capget_v3(data) != 0)
+        die("capget: %s", strerror(errno));
+    if (data[0].effective || data[0].permitted || data[0].inheritable || data[1].effective ||
+        data[1].permitted || data[1].inheritable)
+        die("capabilities are not dropped (internal error)");
+}
+
 /* ------------------------------------------------------------------ environment */
 
 static int charset_ok(const char *value, const char *extra, size_t max)
@@ -442,11 +461,19 @@ int main(int argc, char **argv)
         die("refusing to run with mixed user/group ids: the launcher must not be "
             "set-user-ID or set-group-ID (it uses a file capability instead)");
     int root = ruid == 0;
+    /* `proxyvpn exec -- CMD` only moves itself into a cgroup (file permissions decide)
+     * and execs CMD, which must get the caller's own environment (HOME, DISPLAY, ...) and
+     * no capability. With every capability dropped first, the environment cannot buy
+     * anything: the process is an ordinary one of the caller's, and -I still keeps
+     * PYTHON* from choosing the code. */
+    int exec_cmd = argc > 1 && strcmp(argv[1], "exec") == 0;
 
     if (!root)
         check_group();
     check_installation();
-    if (!root)
+    if (!root && exec_cmd)
+        drop_all_capabilities();
+    else if (!root)
         confine_capabilities();
 
     if (argc > 4096)
@@ -465,6 +492,6 @@ int main(int argc, char **argv)
         args[n++] = argv[i];
     args[n] = NULL;
 
-    execve(PROXYVPN_PYTHON, args, build_env(environ));
+    execve(PROXYVPN_PYTHON, args, exec_cmd && !root ? environ : build_env(environ));
     die("cannot execute %s: %s", PROXYVPN_PYTHON, strerror(errno));
 }

@@ -442,6 +442,42 @@ def test_started_like_the_systemd_unit(installed: Installed, lab):
 # ---------------------------------------------------------------- uninstall
 
 
+def test_exec_hands_no_capability_to_the_command(installed: Installed):
+    """`proxyvpn exec` through the setcap'd launcher: the command runs in the exec cgroup,
+    holds no capability at all (the launcher drops CAP_NET_ADMIN for exec) and gets the
+    caller's environment (an app needs HOME, DISPLAY, ...), which up never does."""
+    from proxyvpn.system.cgroups import cgroup2_mount
+
+    root = cgroup2_mount()
+    assert root, "cgroup v2 is not mounted"
+    name = f"pvexec-{secrets.token_hex(3)}"
+    base = Path(root) / name
+    base.mkdir()
+    try:
+        # Delegate the subtree to the member (as systemd does for user@.service): it may
+        # then create cgroups below and move its own processes between them.
+        uid = pwd.getpwnam(installed.member).pw_uid
+        for path in (base, base / "cgroup.procs", base / "cgroup.subtree_control"):
+            os.chown(path, uid, -1)
+        probe = ("grep -E '^Cap(Inh|Prm|Eff|Amb)' /proc/self/status; cat /proc/self/cgroup; "
+                 "echo \"probe=$PROBE_VAR home=$HOME\"")
+        argv = ["sh", "-c", f'echo $$ > {base}/cgroup.procs && exec "$@"', "sh",
+                *as_user(installed.member, str(installed.launcher), "exec", "--direct",
+                         "--exec-cgroup", name, "--", "sh", "-c", probe,
+                         env={"PROBE_VAR": "kept", "HOME": "/tmp/pvhome"})]
+        result = _run(argv)
+        assert result.returncode == 0, result.stdout + result.stderr
+        caps = dict(line.split(":\t") for line in result.stdout.splitlines() if "Cap" in line)
+        assert caps and all(int(v, 16) == 0 for v in caps.values()), caps
+        assert f"0::/{name}/direct" in result.stdout, result.stdout
+        assert "probe=kept home=/tmp/pvhome" in result.stdout, result.stdout
+    finally:
+        for leaf in ("direct", "capture"):
+            with contextlib.suppress(OSError):
+                (base / leaf).rmdir()
+        base.rmdir()
+
+
 def test_uninstall_removes_everything(installed: Installed):
     # The users go first: a group with members is kept (and said so), by design.
     for user in (installed.member, installed.outsider):
@@ -529,34 +565,3 @@ def test_deb_package(tmp_path: Path):
         grp.getgrnam("proxyvpn")
     assert "/usr/bin/proxyvpn" not in _run(["dpkg-statoverride", "--list"]).stdout
 
-
-def test_exec_hands_no_capability_to_the_command(installed: Installed):
-    """`proxyvpn exec` through the setcap'd launcher: the command runs in the exec cgroup
-    and holds no capability at all (the launcher's ambient CAP_NET_ADMIN is dropped)."""
-    from proxyvpn.system.cgroups import cgroup2_mount
-
-    root = cgroup2_mount()
-    assert root, "cgroup v2 is not mounted"
-    name = f"pvexec-{secrets.token_hex(3)}"
-    base = Path(root) / name
-    base.mkdir()
-    try:
-        # Delegate the subtree to the member (as systemd does for user@.service): it may
-        # then create cgroups below and move its own processes between them.
-        uid = pwd.getpwnam(installed.member).pw_uid
-        for path in (base, base / "cgroup.procs", base / "cgroup.subtree_control"):
-            os.chown(path, uid, -1)
-        probe = "grep -E '^Cap(Inh|Prm|Eff|Amb)' /proc/self/status; cat /proc/self/cgroup"
-        argv = ["sh", "-c", f'echo $$ > {base}/cgroup.procs && exec "$@"', "sh",
-                *as_user(installed.member, str(installed.launcher), "exec", "--direct",
-                         "--exec-cgroup", name, "--", "sh", "-c", probe)]
-        result = _run(argv)
-        assert result.returncode == 0, result.stdout + result.stderr
-        caps = dict(line.split(":\t") for line in result.stdout.splitlines() if "Cap" in line)
-        assert caps and all(int(v, 16) == 0 for v in caps.values()), caps
-        assert f"0::/{name}/direct" in result.stdout, result.stdout
-    finally:
-        for leaf in ("direct", "capture"):
-            with contextlib.suppress(OSError):
-                (base / leaf).rmdir()
-        base.rmdir()
