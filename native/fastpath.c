@@ -848,6 +848,8 @@ static PyObject *fp_read_batch(PyObject *Py_UNUSED(mod), PyObject *const *args,
         Py_END_ALLOW_THREADS
         if (r <= 0) /* EAGAIN, an error, or EOF (a TUN never says it: no empty packets) */
             break;
+        if (r > bufsize) /* a TUN reports a truncated packet's full length: drop it */
+            continue;
         if (r <= READ_COPY_MAX) {
             pkt = PyBytes_FromStringAndSize(PyBytes_AS_STRING(buf), r);
             if (pkt == NULL)

@@ -103,7 +103,9 @@ def run_up(config: Config) -> int:
         plan = make_plan(config)
         probe_proxy(plan.proxy_ips, config.proxy.port, config.connect_timeout)
         extra = {"proxy": config.proxy.display(), "tun": config.tun_name,
-                 "killswitch": config.killswitch, "pid": os.getpid()}
+                 "killswitch": config.killswitch, "pid": os.getpid(),
+                 # What `proxyvpn exec` must use; None: this instance has no exec rules.
+                 "exec_cgroup": plan.selection.exec_cgroup if plan.selection else None}
         applied = apply_plan(plan, state, extra)
     except BaseException:
         state.remove()
@@ -150,7 +152,46 @@ EXEC_SETTLE = 0.25
 reacts within milliseconds) has put it in the nft set before the command's first packet."""
 
 
-def run_exec(argv: tuple[str, ...], *, direct: bool, exec_cgroup: str,
+def _exec_cgroup_of_running_up(state_dir: Path | None, requested: str | None,
+                               direct: bool) -> str:
+    """The exec cgroup name of the running `up`, from its state file.
+
+    Without a running `up` nothing captures the command, and an `up` without exec rules
+    (iptables backend, no cgroup2) or with another exec cgroup would not capture it
+    either: refuse rather than let it talk directly while its user believes it goes
+    through the proxy. `--direct` only needs a name. A state directory we may not read
+    (an `up` run by root or by the systemd unit) cannot be checked: warn, and trust
+    --exec-cgroup."""
+    from proxyvpn.config import DEFAULT_EXEC_CGROUP
+    from proxyvpn.errors import ConfigError, PrivilegeError
+    from proxyvpn.system.state import StateDir, resolve_state_dir
+
+    fallback = requested or DEFAULT_EXEC_CGROUP
+    try:
+        directory = resolve_state_dir(state_dir)
+        store = StateDir(directory)
+        pid, state = store.holder_pid(), store.read()
+    except (PermissionError, PrivilegeError, ConfigError) as exc:
+        if not direct:
+            log.warning("cannot check that proxyvpn runs (%s): the command is captured "
+                        "only if `proxyvpn up` runs with exec cgroup %r", exc, fallback)
+        return fallback
+    if pid is None or state is None:
+        if direct:
+            return fallback
+        raise ConfigError(f"proxyvpn is not running (state directory {directory}): "
+                          "start `proxyvpn up` first, or use `exec --direct`")
+    running = state.get("exec_cgroup")
+    if running is None:
+        raise ConfigError("the running proxyvpn has no exec rules (the iptables backend, "
+                          "or no cgroup v2 filesystem): exec cannot select the command")
+    if requested and requested != running:
+        raise ConfigError(f"the running proxyvpn uses --exec-cgroup {running}, not "
+                          f"{requested}")
+    return str(running)
+
+
+def run_exec(argv: tuple[str, ...], *, direct: bool, exec_cgroup: str | None,
              state_dir: Path | None = None) -> None:
     """Move this process into the exec cgroup (capture/ or direct/) and exec the command,
     which inherits the terminal, environment and cgroup. Returns only by raising."""
@@ -158,17 +199,10 @@ def run_exec(argv: tuple[str, ...], *, direct: bool, exec_cgroup: str,
     from proxyvpn.plan.selection import exec_path
     from proxyvpn.privileges import drop_all
     from proxyvpn.system import cgroups
-    from proxyvpn.system.state import StateDir, resolve_state_dir
 
     if not argv:
         raise ConfigError("exec needs a command: proxyvpn exec [--direct] -- CMD ARGS...")
-    if not direct:
-        # Without a running `up` nothing captures the command: refuse rather than let
-        # it talk directly while its user believes it goes through the proxy.
-        directory = resolve_state_dir(state_dir)
-        if StateDir(directory).holder_pid() is None:
-            raise ConfigError(f"proxyvpn is not running (state directory {directory}): "
-                              "start `proxyvpn up` first, or use `exec --direct`")
+    exec_cgroup = _exec_cgroup_of_running_up(state_dir, exec_cgroup, direct)
     root = cgroups.cgroup2_mount()
     if root is None:
         raise ConfigError("exec needs the cgroup v2 filesystem, and none is mounted "

@@ -191,8 +191,9 @@ def exec_(direct: bool, exec_cgroup: str | None, state_dir: Path | None, verbose
     from proxyvpn.config import build_config
 
     setup_logging(bool(verbose))
-    name = build_config({"exec_cgroup": exec_cgroup} if exec_cgroup else {},
-                        dry_run=True).exec_cgroup
+    # Validated when given; otherwise the running `up` says which one (app.run_exec).
+    name = build_config({"exec_cgroup": exec_cgroup}, dry_run=True).exec_cgroup \
+        if exec_cgroup else None
     app.run_exec(command, direct=direct, exec_cgroup=name, state_dir=state_dir)
 
 

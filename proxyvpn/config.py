@@ -286,8 +286,9 @@ def _check_exec_cgroup(name: str) -> str:
 
 
 def _check_tun_name(name: str) -> str:
-    # IFNAMSIZ is 16 including the NUL; the kernel also refuses '/', ':' and spaces.
-    if not name or len(name) > 15 or any(c in name for c in "/: \t\n") or name in (".", ".."):
+    # IFNAMSIZ is 16 including the NUL; the kernel also refuses '/', ':' and spaces. '+'
+    # would be a wildcard in iptables' -o (tun+ is every tun*), '*' in nft.
+    if not name or len(name) > 15 or any(c in name for c in "/: \t\n+*") or name in (".", ".."):
         raise ConfigError(f"TUN name {name!r} is not a valid interface name (1-15 characters)")
     return name
 

@@ -18,7 +18,8 @@ first: if the mangle part then fails, nothing is captured yet, everything is blo
 the rollback removes the filter part. `-N` of a chain that exists fails its table's
 transaction; the loader checks for our chains before it starts, so we never merge into a
 chain left behind by someone else. The jumps are inserted at position 1: an ACCEPT earlier
-in OUTPUT would otherwise bypass the killswitch.
+in OUTPUT would otherwise bypass the killswitch. What the killswitch allows RETURNs to
+OUTPUT instead of being accepted, so the host's own rules still apply to it.
 """
 
 from __future__ import annotations
@@ -95,7 +96,10 @@ def _capture_rules(config: Config, family: int, proxies: Sequence[str],
 
 def _killswitch_rules(config: Config, family: int, proxies: Sequence[str],
                       dns: Sequence[str]) -> list[str]:
-    acc = f"-A {CHAIN} {{}} -j ACCEPT"
+    # RETURN, not ACCEPT: what we allow goes back to OUTPUT, where the host's own rules
+    # (ufw, firewalld) still judge it -- as in nftables, where our table's accept does
+    # not override another table's drop. Only what we block ends here.
+    acc = f"-A {CHAIN} {{}} -j RETURN"
     rules = [
         acc.format("-o lo"),
         # Captured: re-routed to the TUN by the mangle chain, though -o here still names

@@ -447,8 +447,8 @@ def test_iptables_apply_then_teardown_restores_everything(ns, tmp_path):
                        "-A PROXYVPN -j MARK --set-xmark 0x7076/0xffffffff",
                        "-A PROXYVPN -p tcp -j REJECT --reject-with tcp-reset"):
             assert needle in save, needle
-    assert "-A PROXYVPN -d 10.9.0.0/16 -j ACCEPT" in save4
-    assert "-A PROXYVPN -d 192.0.2.10/32 -p tcp -m tcp --dport 3128 -j ACCEPT" in save4
+    assert "-A PROXYVPN -d 10.9.0.0/16 -j RETURN" in save4
+    assert "-A PROXYVPN -d 192.0.2.10/32 -p tcp -m tcp --dport 3128 -j RETURN" in save4
     state = json.loads((tmp_path / "state" / "state.json").read_text())
     assert state["firewall"] == "iptables"
     assert [op["kind"] for op in state["applied"]][:3] == ["LoadIptables", "LoadIptables",
@@ -534,3 +534,21 @@ def test_rendered_iptables_documents_load_and_remove_cleanly(ns, tmp_path):
             assert result.stdout.split() == ["True", "False"], (case, result.stderr)
         assert_same(before, ns.snapshot())
 
+
+
+def test_iptables_killswitch_leaves_the_hosts_own_output_rules_in_force(ns, tmp_path):
+    """What our chain allows RETURNs to OUTPUT: a host rule after our jump (as ufw or
+    firewalld would add) still rejects loopback traffic it wants rejected; with ACCEPT it
+    would be skipped."""
+    listen(ns, ("127.0.0.1", 7070))
+    assert probe(ns, "127.0.0.1", 7070) == "ok"
+    ns.run("iptables", "-A", "OUTPUT", "-o", "lo", "-p", "tcp", "--dport", "7070",
+           "-j", "REJECT", "--reject-with", "tcp-reset")
+    vpn = up(ns, tmp_path, "--firewall-backend", "iptables")
+    vpn.info()
+    assert text(ns, "iptables", "-S", "OUTPUT").splitlines()[1] == "-A OUTPUT -j PROXYVPN"
+    assert probe(ns, "127.0.0.1", 7070) == "refused"  # the host's rule, not ours, decided
+    assert vpn.down() == []
+    ns.run("iptables", "-D", "OUTPUT", "-o", "lo", "-p", "tcp", "--dport", "7070",
+           "-j", "REJECT", "--reject-with", "tcp-reset")
+    assert probe(ns, "127.0.0.1", 7070) == "ok"

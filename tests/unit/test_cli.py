@@ -132,3 +132,30 @@ def test_exec_refuses_when_nothing_runs(tmp_path):
     assert result.exit_code == 2
     assert "proxyvpn is not running" in result.output and "exec --direct" in result.output
     assert "Traceback" not in result.output
+
+
+def _running_up(tmp_path, **state):
+    """A state directory as a running `up` leaves it: the lock held, the journal written."""
+    from proxyvpn.system.state import StateDir
+
+    store = StateDir(tmp_path / "st")
+    store.path.mkdir(mode=0o700, exist_ok=True)
+    store.acquire()
+    store.write({"version": 1, "pid": 1, "applied": [], **state})
+    return store
+
+
+@pytest.mark.parametrize("state, args, message", [
+    ({"exec_cgroup": None}, [], "has no exec rules"),
+    ({"exec_cgroup": None}, ["--direct"], "has no exec rules"),
+    ({"exec_cgroup": "pvunit-a"}, ["--exec-cgroup", "pvunit-b"],
+     "uses --exec-cgroup pvunit-a, not pvunit-b"),
+])
+def test_exec_refuses_an_up_that_would_not_select_it(tmp_path, state, args, message):
+    store = _running_up(tmp_path, **state)
+    try:
+        result = CliRunner().invoke(main, ["exec", "--state-dir", str(store.path), *args,
+                                           "--", "true"])
+    finally:
+        store.release()
+    assert result.exit_code == 2 and message in result.output, result.output

@@ -85,19 +85,19 @@ def test_capture_rules_mirror_the_nft_exceptions():
 def test_killswitch_rules_v4_and_v6():
     v4, v6 = ipt_ops(build_plan(*IPT_CASES["iptables_killswitch_on"]))
     f4 = section(v4.text, "filter").splitlines()[1:]
-    assert f4[:4] == ["-N PROXYVPN", "-A PROXYVPN -o lo -j ACCEPT",
-                      "-A PROXYVPN -m mark --mark 0x7076 -j ACCEPT",
-                      "-A PROXYVPN -o tun0 -j ACCEPT"]
-    for rule in ("-d 192.0.2.10 -p tcp --dport 3128 -j ACCEPT",
-                 "-d 192.0.2.53 -p udp --dport 53 -j ACCEPT",
-                 "-d 192.0.2.53 -p tcp --dport 53 -j ACCEPT",
-                 "-p udp --sport 68 --dport 67 -j ACCEPT"):
+    assert f4[:4] == ["-N PROXYVPN", "-A PROXYVPN -o lo -j RETURN",
+                      "-A PROXYVPN -m mark --mark 0x7076 -j RETURN",
+                      "-A PROXYVPN -o tun0 -j RETURN"]
+    for rule in ("-d 192.0.2.10 -p tcp --dport 3128 -j RETURN",
+                 "-d 192.0.2.53 -p udp --dport 53 -j RETURN",
+                 "-d 192.0.2.53 -p tcp --dport 53 -j RETURN",
+                 "-p udp --sport 68 --dport 67 -j RETURN"):
         assert f"-A PROXYVPN {rule}" in f4, rule
     assert f4[-4:] == ["-A PROXYVPN -p tcp -j REJECT --reject-with tcp-reset",
                        "-A PROXYVPN -j REJECT --reject-with icmp-admin-prohibited",
                        "-I OUTPUT 1 -j PROXYVPN", "COMMIT"]
     f6 = section(v6.text, "filter").splitlines()[1:]
-    for rule in ("-p udp --dport 547 -j ACCEPT", "-p ipv6-icmp --icmpv6-type 135 -j ACCEPT",
+    for rule in ("-p udp --dport 547 -j RETURN", "-p ipv6-icmp --icmpv6-type 135 -j RETURN",
                  "-j REJECT --reject-with icmp6-adm-prohibited"):
         assert f"-A PROXYVPN {rule}" in f6, rule
     # Neither the IPv4 proxy nor the IPv4 resolver appears in ip6tables rules.
@@ -124,9 +124,9 @@ def test_excludes_are_collapsed_and_split_by_family():
     v4, v6 = ipt_ops(build_plan(*IPT_CASES["iptables_excludes_two_proxy_ips"]))
     assert "-A PROXYVPN -d 10.0.0.0/8 -j RETURN" in v4.text
     assert "10.1.0.0/16" not in v4.text  # inside 10.0.0.0/8
-    assert "-A PROXYVPN -d 2001:db8:1::/48 -j ACCEPT" in v6.text
-    assert "-A PROXYVPN -d 2001:db8::7 -p tcp --dport 3128 -j ACCEPT" in v6.text
-    assert "-A PROXYVPN -d 2620:fe::fe -p udp --dport 53 -j ACCEPT" in v6.text
+    assert "-A PROXYVPN -d 2001:db8:1::/48 -j RETURN" in v6.text
+    assert "-A PROXYVPN -d 2001:db8::7 -p tcp --dport 3128 -j RETURN" in v6.text
+    assert "-A PROXYVPN -d 2620:fe::fe -p udp --dport 53 -j RETURN" in v6.text
     assert "-o pvpn0" in v4.text and "--set-mark 0x1" in v4.text
     # Facts unknown (dry run without privileges): claim no table as ours.
     assert v4.new_tables == () and v6.new_tables == ()

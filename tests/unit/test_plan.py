@@ -289,3 +289,10 @@ def test_golden_files_are_valid_json():
         assert data["ops"][0]["kind"] == "LoadNftTable"
         assert data["ops"][0]["undo"] == {"kind": "DeleteNftTable", "family": "inet",
                                           "name": "proxyvpn"}
+
+
+@pytest.mark.parametrize("name", ["tun+", "vpn*"])
+def test_tun_names_with_wildcards_are_refused(name):
+    """iptables reads `-o tun+` as every tun* interface; the killswitch would open them all."""
+    with pytest.raises(ConfigError, match="not a valid interface name"):
+        config(tun_name=name)
