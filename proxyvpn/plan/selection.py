@@ -102,6 +102,44 @@ def sets_for(sel: ResolvedSelection, path: str) -> tuple[str, ...]:
     return tuple(names)
 
 
+def too_deep_match(sel: ResolvedSelection, path: str) -> tuple[str, ...]:
+    """The pattern kinds ("skip", "only") that match a cgroup deeper than MAX_LEVEL with no
+    matching ancestor at a level a set can hold: the user asked for that cgroup, and the
+    rules cannot select it (it stays whatever its ancestors make it)."""
+    parts = [part for part in path.split("/") if part]
+    if len(parts) <= MAX_LEVEL:
+        return ()
+    kinds: list[str] = []
+    for kind, patterns in (("skip", sel.skip_cgroups), ("only", sel.only_cgroups)):
+        if not any(_compiled(p).search(path) for p in patterns):
+            continue
+        ancestors = ("/" + "/".join(parts[:n]) for n in range(1, MAX_LEVEL + 1))
+        if not any(_compiled(p).search(a) for a in ancestors for p in patterns):
+            kinds.append(kind)
+    return tuple(kinds)
+
+
+def unanchored_skips(sel: ResolvedSelection) -> tuple[str, ...]:
+    """--skip-cgroup patterns not anchored at the start of the path (^ or \\A): anyone who
+    can create a cgroup (a delegated subtree: every systemd user) can name one to match
+    such a pattern, and whatever runs there escapes capture and the killswitch."""
+    return tuple(p for p in sel.skip_cgroups if not p.startswith(("^", "\\A")))
+
+
+def needs_watch(sel: ResolvedSelection, path: str) -> bool:
+    """Whether the watcher must watch directory `path` (relative to the cgroup2 root) for
+    subdirectories appearing in it. With --only-cgroup/--skip-cgroup patterns every
+    directory (any cgroup can match); without, only what the exec sets need: the root, to
+    see the exec directory being created, and the exec directory's subtree. Watches are a
+    per-user kernel budget (fs.inotify.max_user_watches), and hosts can have many cgroups."""
+    if sel.only_cgroups or sel.skip_cgroups or path == "/":
+        return True
+    if not sel.exec_cgroup:
+        return False
+    base = f"/{sel.exec_cgroup}"
+    return path == base or path.startswith(base + "/")
+
+
 def _resolve_ids(names: Iterable[str], table: Mapping[str, int], what: str,
                  flag: str) -> tuple[int, ...]:
     out: list[int] = []
@@ -161,12 +199,20 @@ class Change:
 
 class CgroupTracker:
     """Which cgroup is in which set: events in, set changes out. Pure; the watcher feeds
-    it what inotify reports and applies what it returns in one nft batch."""
+    it what inotify reports and applies what it returns in one nft batch.
+
+    The tracker's state must be what the nft sets hold. created()/removed()/reconcile()
+    change it as they compute, so the watcher wraps each batch in begin() ... commit()
+    once nft accepted it, or rollback() when anything failed (the batch is atomic, so
+    the sets are as they were at begin()); a later reconcile() then retries."""
 
     def __init__(self, sel: ResolvedSelection, held: Iterable[tuple[str, int]] = ()) -> None:
         """`held`: (path, id) of the cgroups the loaded table already contains."""
         self._sel = sel
         self._held: dict[str, tuple[int, tuple[str, ...]]] = {}
+        self._saved: dict[str, tuple[int, tuple[str, ...]]] | None = None
+        self._deep_seen: set[str] = set()
+        self._deep_new: list[tuple[str, tuple[str, ...]]] = []
         for path, cid in held:
             names = sets_for(sel, path)
             if names:
@@ -176,6 +222,36 @@ class CgroupTracker:
     def held(self) -> dict[str, int]:
         """path -> id of every cgroup currently in some set."""
         return {path: cid for path, (cid, _) in self._held.items()}
+
+    # ------------------------------------------------------------- transactions
+
+    def begin(self) -> None:
+        """Remember the current state (what nft holds) before computing a batch."""
+        self._saved = dict(self._held)
+
+    def commit(self) -> None:
+        """nft accepted the batch: the computed state is now what it holds."""
+        self._saved = None
+
+    def rollback(self) -> None:
+        """The batch failed (or was never sent): back to the state at begin()."""
+        if self._saved is not None:
+            self._held = self._saved
+            self._saved = None
+
+    def forget(self, path: str, cid: int) -> None:
+        """An added cgroup could not be named to nft (gone already): it is in no set."""
+        entry = self._held.get(path)
+        if entry is not None and entry[0] == cid:
+            del self._held[path]
+
+    def pop_too_deep(self) -> list[tuple[str, tuple[str, ...]]]:
+        """(path, kinds) of cgroups seen since the last call that a pattern matches but no
+        set can hold (see too_deep_match); each path is reported once."""
+        out, self._deep_new = self._deep_new, []
+        return out
+
+    # ------------------------------------------------------------- events
 
     def created(self, path: str, cid: int) -> list[Change]:
         """A cgroup appeared (or was renamed to `path`)."""
@@ -187,6 +263,11 @@ class CgroupTracker:
         if names:
             self._held[path] = (cid, names)
             changes += [Change(True, name, path, cid) for name in names]
+        elif path not in self._deep_seen:
+            kinds = too_deep_match(self._sel, path)
+            if kinds:
+                self._deep_seen.add(path)
+                self._deep_new.append((path, kinds))
         return changes
 
     def removed(self, path: str) -> list[Change]:
@@ -200,7 +281,8 @@ class CgroupTracker:
 
     def reconcile(self, scan: Mapping[str, int]) -> list[Change]:
         """Bring the sets in line with a full scan (path -> id): after the watches are in
-        place, this catches whatever changed between reading the facts and watching."""
+        place, this catches whatever changed between reading the facts and watching, and
+        after a failure it re-sends whatever the sets lack."""
         changes: list[Change] = []
         for path, (cid, _) in list(self._held.items()):
             if scan.get(path) != cid:
@@ -208,18 +290,6 @@ class CgroupTracker:
         for path, cid in scan.items():
             changes += self.created(path, cid)
         return changes
-
-    def undo(self, changes: Iterable[Change]) -> None:
-        """Forget changes the kernel refused (the batch failed as a whole)."""
-        for change in changes:
-            if change.add:
-                entry = self._held.get(change.path)
-                if entry is not None and entry[0] == change.id:
-                    del self._held[change.path]
-            else:
-                entry = self._held.get(change.path)
-                names = entry[1] if entry else ()
-                self._held[change.path] = (change.id, tuple(sorted({*names, change.set})))
 
     def _drop(self, path: str) -> list[Change]:
         cid, names = self._held.pop(path)

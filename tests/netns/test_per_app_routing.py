@@ -170,3 +170,37 @@ def test_exec_captures_and_exec_direct_bypasses(lab):
         root = cgroup2_mount()
         assert (Path(root) / name / "capture").is_dir() and (Path(root) / name / "direct").is_dir()
         assert lab.stop_vpn() == 0
+
+
+def test_plain_up_watches_only_the_root_and_the_exec_subtree(lab):
+    # Without --only-cgroup/--skip-cgroup only the exec sets need the watcher: one watch on
+    # the cgroup2 root (to see the exec directory appear), then the exec subtree; never
+    # every cgroup of the host (which can exhaust fs.inotify.max_user_watches).
+    with cgroup_base() as name, cgroup_base() as other:
+        root = Path(cgroup2_mount())
+        (root / other / "a" / "b").mkdir(parents=True)
+        start_vpn(lab, "--exec-cgroup", name)
+        assert "cgroup watcher: 1 directories watched" in lab.vpn_log(), lab.vpn_log()
+        capture = root / name / "capture"
+        capture.mkdir(parents=True)
+        wait_for(lambda: capture.stat().st_ino in _set_ids(lab, "exec_capture"), timeout=1.0,
+                 interval=0.02, what="the exec cgroup in the nft set")
+        direct = root / name / "direct"
+        direct.mkdir()
+        wait_for(lambda: direct.stat().st_ino in _set_ids(lab, "exec_direct"), timeout=1.0,
+                 interval=0.02, what="the direct exec cgroup in the nft set")
+        (root / other / "a" / "b" / "c").mkdir()  # outside the scope: no watch, no error
+        direct.rmdir()
+        wait_for(lambda: not _set_ids(lab, "exec_direct"), timeout=1.0, interval=0.02,
+                 what="the removed exec cgroup to leave the set")
+        assert capture.stat().st_ino in _set_ids(lab, "exec_capture")
+        assert "cgroup watcher:" not in lab.vpn_log().split("directories watched", 1)[1]
+        assert lab.stop_vpn() == 0
+
+
+def test_unanchored_skip_pattern_is_warned_about_at_start(lab):
+    with cgroup_base() as name:
+        start_vpn(lab, "--skip-cgroup", f"{name}-nothing", "--exec-cgroup", name)
+        line = [x for x in lab.vpn_log().splitlines() if "is not anchored with ^" in x]
+        assert len(line) == 1 and f"'{name}-nothing'" in line[0], lab.vpn_log()
+        assert lab.stop_vpn() == 0

@@ -3,8 +3,16 @@ element batches and the dry-run rendering. No root needed."""
 
 from __future__ import annotations
 
+import asyncio
+import ctypes
 import dataclasses
+import errno
+import logging
+import os
+import re
 import struct
+import time
+from types import SimpleNamespace
 
 import pytest
 from test_plan import CG_FACTS, FACTS, IPT_FACTS, config
@@ -19,12 +27,23 @@ from proxyvpn.plan.selection import (
     Change,
     ResolvedSelection,
     cgroup_level,
+    needs_watch,
     nft_cgroup_ref,
     resolve_selection,
     sets_for,
+    too_deep_match,
+    unanchored_skips,
 )
+from proxyvpn.system import nft as nft_system
 from proxyvpn.system.cgroups import parse_cgroup2_mount, relative
-from proxyvpn.system.cgwatch import IN_CREATE, IN_ISDIR, parse_events
+from proxyvpn.system.cgwatch import (
+    IN_CREATE,
+    IN_ISDIR,
+    CgroupWatcher,
+    WatchError,
+    parse_events,
+)
+from proxyvpn.system.nft import NftError
 
 # ---------------------------------------------------------------- config
 
@@ -133,12 +152,57 @@ def test_tracker_create_remove_and_reconcile():
     assert tracker.held == {"/proxyvpn/capture": 30}
 
 
-def test_tracker_undo_restores_state():
+def test_tracker_rollback_restores_what_nft_holds_and_reconcile_resends_it():
     tracker = CgroupTracker(SEL, [("/system.slice", 4)])
-    added = tracker.created("/proxyvpn/direct", 8)
-    removed = tracker.removed("/system.slice")
-    tracker.undo(added + removed)
+    tracker.begin()
+    assert tracker.created("/proxyvpn/direct", 8)
+    assert tracker.removed("/system.slice")
+    tracker.rollback()  # nft refused the batch: the sets are as they were
     assert tracker.held == {"/system.slice": 4}
+    # The retry (a rescan) computes the same changes again, and they stick on commit.
+    tracker.begin()
+    changes = tracker.reconcile({"/proxyvpn/direct": 8})
+    assert set(changes) == {Change(True, "exec_direct", "/proxyvpn/direct", 8),
+                            Change(False, "cg_skip_l1", "/system.slice", 4)}
+    tracker.commit()
+    tracker.rollback()  # nothing to roll back after a commit
+    assert tracker.held == {"/proxyvpn/direct": 8}
+    tracker.forget("/proxyvpn/direct", 7)  # another id: kept
+    tracker.forget("/proxyvpn/direct", 8)
+    assert tracker.held == {}
+
+
+def test_tracker_reports_too_deep_matches_once():
+    deep = "/" + "/".join(["d"] * 9) + "/app-firefox@1.service"
+    tracker = CgroupTracker(SEL)
+    assert tracker.created(deep, 50) == []
+    assert tracker.created(deep, 51) == []
+    assert tracker.pop_too_deep() == [(deep, ("only",))]
+    assert tracker.pop_too_deep() == []
+    # A matching ancestor within MAX_LEVEL selects it already: nothing to say.
+    sel = ResolvedSelection(only_cgroups=("^/a",), has_only=True)
+    assert too_deep_match(sel, "/a" + "/x" * 9) == ()
+    assert too_deep_match(sel, "/b" + "/x" * 9) == ()  # matches nothing
+    assert too_deep_match(sel, "/a/x/y") == ()  # not too deep
+    skip = ResolvedSelection(skip_cgroups=("leaf$",))
+    assert too_deep_match(skip, "/x" * 8 + "/leaf") == ("skip",)
+
+
+def test_unanchored_skip_patterns_are_found():
+    sel = ResolvedSelection(skip_cgroups=(r"^/system\.slice", "backup", r"\Afoo", "a^"),
+                            only_cgroups=("firefox",))
+    assert unanchored_skips(sel) == ("backup", "a^")
+
+
+def test_watch_scope_without_patterns_is_root_and_exec_subtree():
+    plain = ResolvedSelection(exec_cgroup="proxyvpn")
+    assert needs_watch(plain, "/")
+    assert needs_watch(plain, "/proxyvpn") and needs_watch(plain, "/proxyvpn/capture")
+    assert not needs_watch(plain, "/user.slice")
+    assert not needs_watch(plain, "/proxyvpnx")
+    assert not needs_watch(ResolvedSelection(), "/proxyvpn")
+    assert needs_watch(SEL, "/user.slice/u/app.slice")
+    assert needs_watch(ResolvedSelection(skip_cgroups=("^/x",)), "/y/z")
 
 
 # ---------------------------------------------------------------- nft
@@ -227,3 +291,186 @@ def test_inotify_event_parsing():
     buf += struct.pack("iIII", 4, IN_CREATE, 0, 0)
     assert parse_events(buf) == [(3, IN_CREATE | IN_ISDIR, "app.service"),
                                  (4, IN_CREATE, "")]
+
+
+# ---------------------------------------------------------------- the watcher (real inotify)
+
+
+class FakeNft:
+    """nft.load_text for element batches: atomic, and refuses to delete what a set lacks
+    (as nft does). `fail`: exceptions to raise on the next loads, in order."""
+
+    def __init__(self) -> None:
+        self.sets: dict[str, set[int]] = {}
+        self.fail: list[BaseException] = []
+        self.loads = 0
+
+    def load_text(self, text: str, pass_fds: tuple[int, ...] = ()) -> None:
+        self.loads += 1
+        if self.fail:
+            raise self.fail.pop(0)
+        new = {name: set(ids) for name, ids in self.sets.items()}
+        for line in text.splitlines():
+            m = re.fullmatch(r"(add|delete) element inet proxyvpn (\S+) \{ (.*) \}", line)
+            assert m, line
+            for ref in re.findall(r'"([^"]*)"', m[3]):
+                fd_path = ref.removeprefix("../../..")
+                assert int(fd_path.rsplit("/", 1)[1]) in pass_fds
+                cid = os.stat(fd_path).st_ino
+                if m[1] == "add":
+                    new.setdefault(m[2], set()).add(cid)
+                elif cid in new.get(m[2], set()):
+                    new[m[2]].discard(cid)
+                else:
+                    raise NftError(errno.ENOENT, f"no element {cid} in {m[2]}")
+        self.sets = new
+
+    def ids(self, name: str) -> set[int]:
+        return self.sets.get(name, set())
+
+
+class FailingWatches:
+    """The watcher's libc, with inotify_add_watch failing (errno `err`) for paths ending
+    in one of `names`, `times` times each."""
+
+    def __init__(self, libc, names: tuple[str, ...], err: int, times: int = 1) -> None:
+        self._libc, self._names, self._err = libc, names, err
+        self.left = dict.fromkeys(names, times)
+
+    def inotify_init1(self, flags):
+        return self._libc.inotify_init1(flags)
+
+    def inotify_add_watch(self, fd, path, mask):
+        for name in self._names:
+            if path.endswith(os.fsencode("/" + name)) and self.left[name] > 0:
+                self.left[name] -= 1
+                ctypes.set_errno(self._err)
+                return -1
+        return self._libc.inotify_add_watch(fd, path, mask)
+
+
+@pytest.fixture
+def watch(tmp_path, monkeypatch):
+    """make(sel) -> a started CgroupWatcher on tmp_path with a FakeNft; run_until(pred)."""
+    fake = FakeNft()
+    monkeypatch.setattr(nft_system, "load_text", fake.load_text)
+    monkeypatch.setattr(CgroupWatcher, "RETRY_FIRST", 0.02)
+    loop = asyncio.new_event_loop()
+    watchers: list[CgroupWatcher] = []
+
+    def make(sel, libc_wrap=None, start=True):
+        w = CgroupWatcher(str(tmp_path), sel)
+        if libc_wrap is not None:
+            w._libc = libc_wrap(w._libc)
+        watchers.append(w)
+        if start:
+            w.start(loop)
+        return w
+
+    def run_until(pred, timeout=3.0):
+        async def wait():
+            deadline = time.monotonic() + timeout
+            while not pred():
+                assert time.monotonic() < deadline, "timed out"
+                await asyncio.sleep(0.01)
+        loop.run_until_complete(wait())
+
+    yield SimpleNamespace(make=make, run_until=run_until, nft=fake, root=tmp_path)
+    for w in watchers:
+        w.stop()
+    loop.close()
+
+
+ONLY_SEL = ResolvedSelection(only_cgroups=("^/sel-",), exec_cgroup="pv", has_only=True)
+
+
+@pytest.mark.parametrize("error", [NftError(errno.EINVAL, "nft rejected the ruleset: x"),
+                                   OSError(errno.EMFILE, "Too many open files")])
+def test_watcher_retries_a_failed_batch_until_the_set_is_in_sync(watch, caplog, error):
+    w = watch.make(ONLY_SEL)
+    watch.nft.fail = [error, error]  # the event's batch and the first retry fail
+    (watch.root / "sel-1").mkdir()
+    ino = (watch.root / "sel-1").stat().st_ino
+    watch.run_until(lambda: ino in watch.nft.ids("cg_only_l1") and not w.failing)
+    assert w._tracker.held == {"/sel-1": ino}
+    assert w.rescans >= 2
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "retrying" in errors[0].getMessage()  # once, loudly
+    assert not any(r.exc_info for r in caplog.records)
+    # Later events apply normally, and the delete finds the element (nft would refuse
+    # to delete one it lacks, which a tracker out of sync with nft would ask for).
+    (watch.root / "sel-2").mkdir()
+    (watch.root / "sel-1").rmdir()
+    ino2 = (watch.root / "sel-2").stat().st_ino
+    watch.run_until(lambda: watch.nft.ids("cg_only_l1") == {ino2})
+    assert not w.failing and set(w._fds) == {"/sel-2"}
+
+
+def test_watcher_event_after_a_refused_batch_does_not_double_delete(watch):
+    w = watch.make(ONLY_SEL)
+    (watch.root / "sel-1").mkdir()
+    ino = (watch.root / "sel-1").stat().st_ino
+    watch.run_until(lambda: ino in watch.nft.ids("cg_only_l1"))
+    w.RETRY_FIRST = w._delay = 5.0  # no retry during this test: only the events count
+    watch.nft.fail = [NftError(errno.EIO, "boom")]
+    (watch.root / "sel-1").rmdir()  # refused: the element stays, and so must the tracker
+    watch.run_until(lambda: w.failing)
+    assert w._tracker.held == {"/sel-1": ino} and ino in watch.nft.ids("cg_only_l1")
+    w._retry_rescan()  # what the timer does: the element goes
+    assert not w.failing and watch.nft.ids("cg_only_l1") == set() and not w._fds
+
+
+def test_watcher_survives_a_watch_it_cannot_add_and_watches_it_on_retry(watch, caplog):
+    w = watch.make(ONLY_SEL, lambda libc: FailingWatches(libc, ("sel-3",), errno.ENOSPC))
+    (watch.root / "sel-3").mkdir()
+    ino = (watch.root / "sel-3").stat().st_ino
+    # The cgroup itself is in the set at once; its watch comes with the retry.
+    watch.run_until(lambda: ino in watch.nft.ids("cg_only_l1") and not w.failing)
+    assert "/sel-3" in w._wds.values()
+    (watch.root / "sel-3" / "sub").mkdir()
+    sub = (watch.root / "sel-3" / "sub").stat().st_ino
+    watch.run_until(lambda: sub in watch.nft.ids("cg_only_l2"))
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "sysctl -w fs.inotify.max_user_watches=" in errors[0]
+    assert "\n" not in errors[0] and not any(r.exc_info for r in caplog.records)
+
+
+def test_watcher_start_at_the_watch_limit_is_one_clear_error(watch):
+    (watch.root / "a").mkdir()
+    w = watch.make(ONLY_SEL, lambda libc: FailingWatches(libc, ("a",), errno.ENOSPC),
+                   start=False)
+    with pytest.raises(WatchError, match=r"fs\.inotify\.max_user_watches") as info:
+        w.start(asyncio.new_event_loop())
+    assert "\n" not in str(info.value) and w._fd == -1
+
+
+def test_watcher_without_patterns_watches_only_root_and_exec_subtree(watch):
+    for d in ("user.slice/u/app.slice", "system.slice/a", "system.slice/b"):
+        (watch.root / d).mkdir(parents=True)
+    w = watch.make(ResolvedSelection(exec_cgroup="pv"))
+    assert sorted(w._wds.values()) == ["/"]
+    (watch.root / "pv" / "capture").mkdir(parents=True)
+    ino = (watch.root / "pv" / "capture").stat().st_ino
+    watch.run_until(lambda: ino in watch.nft.ids("exec_capture"))
+    assert sorted(w._wds.values()) == ["/", "/pv", "/pv/capture"]
+    (watch.root / "user.slice" / "new").mkdir()  # not watched: no event, no watch
+    (watch.root / "pv" / "direct").mkdir()
+    direct = (watch.root / "pv" / "direct").stat().st_ino
+    watch.run_until(lambda: direct in watch.nft.ids("exec_direct"))
+    assert "/user.slice" not in w._wds.values()
+    # With a pattern, the whole tree.
+    w2 = watch.make(ResolvedSelection(skip_cgroups=("^/system",), exec_cgroup="pv"))
+    assert {"/user.slice/u/app.slice", "/system.slice/b"} <= set(w2._wds.values())
+
+
+def test_watcher_warns_about_unanchored_skips_and_too_deep_matches(watch, caplog):
+    deep = watch.root.joinpath(*["d"] * 9, "leaf-x")
+    deep.mkdir(parents=True)
+    caplog.set_level(logging.WARNING, logger="proxyvpn.cgroups")
+    watch.make(ResolvedSelection(skip_cgroups=("leaf-x$", r"^/nothing"), exec_cgroup="pv"))
+    messages = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert [m for m in messages if "'leaf-x$' is not anchored with ^" in m]
+    assert not [m for m in messages if "'^/nothing'" in m]
+    too_deep = [m for m in messages if "deeper than level 8" in m]
+    assert len(too_deep) == 1 and "/d/d/d/d/d/d/d/d/d/leaf-x" in too_deep[0]
+    assert "--skip-cgroup" in too_deep[0]
