@@ -94,37 +94,54 @@ def run_up(config: Config) -> int:
     # First, before any thread or change: CAP_NET_ADMIN or one clear line; then only
     # CAP_NET_ADMIN, no secrets in the environment or the process title.
     confine_up(sys.argv[1:])
+    # SIGTERM (`proxyvpn down`, systemd) at any moment outside the engine's own handler --
+    # while applying, or just before the loop runs -- must roll back or tear down like
+    # Ctrl+C does, never kill the process with everything still in place.
+    signal.signal(signal.SIGTERM, _interrupt)
     raise_open_file_limit()
     state_dir = resolve_state_dir(config.state_dir)
     state = StateDir(state_dir, keep=config.keep_logs)
     state.acquire()  # first: a second `up` must say "already running", nothing else
-    try:
-        clean_stale(state_dir)
-        plan = make_plan(config)
-        probe_proxy(plan.proxy_ips, config.proxy.port, config.connect_timeout)
-        extra = {"proxy": config.proxy.display(), "tun": config.tun_name,
-                 "killswitch": config.killswitch, "pid": os.getpid(),
-                 # What `proxyvpn exec` must use; None: this instance has no exec rules.
-                 "exec_cgroup": plan.selection.exec_cgroup if plan.selection else None}
-        applied = apply_plan(plan, state, extra)
-    except BaseException:
-        state.remove()
-        raise
+    applied = None
     stop_reason = "stopped"
+    # One try from here to the end: wherever a signal lands, either apply_plan rolled
+    # back (applied is None) or the finally tears down.
     try:
+        try:
+            clean_stale(state_dir)
+            plan = make_plan(config)
+            probe_proxy(plan.proxy_ips, config.proxy.port, config.connect_timeout)
+            extra = {"proxy": config.proxy.display(), "tun": config.tun_name,
+                     "killswitch": config.killswitch, "pid": os.getpid(),
+                     # What `proxyvpn exec` must use; None: this instance has no exec rules.
+                     "exec_cgroup": plan.selection.exec_cgroup if plan.selection else None}
+            applied = apply_plan(plan, state, extra)
+        except BaseException:
+            if applied is None and state.locked:
+                # Nothing is applied (or the rollback released the lock and kept the
+                # journal for `proxyvpn down`, which must then stay).
+                state.remove()
+            raise
         log.info("up: %s via %s (killswitch %s); Ctrl+C or `proxyvpn down` to stop",
                  config.tun_name, config.proxy.display(), "on" if config.killswitch else "off")
         stop_reason = asyncio.run(_serve(run_engine(config, plan, applied.tun, state_dir),
                                          plan))
     except KeyboardInterrupt:
+        if applied is None:
+            raise
         stop_reason = "interrupted"
     finally:
-        # Signals during teardown must not leave it half done.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        applied.teardown()
-        log.info("down: everything proxyvpn changed is undone (%s)", stop_reason)
+        if applied is not None:
+            # Signals during teardown must not leave it half done.
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            applied.teardown()
+            log.info("down: everything proxyvpn changed is undone (%s)", stop_reason)
     return 0
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 async def _serve(engine: Any, plan: Any) -> str:

@@ -367,7 +367,10 @@ async def run_engine(config: Config, plan: Any, tun: Any, state_dir: Path) -> st
     _tune_gc()
     loop = asyncio.get_running_loop()
     stopped = asyncio.get_running_loop().create_future()
-    for signum in (signal.SIGINT, signal.SIGTERM):
+    # asyncio resets a removed handler to the default (for SIGTERM: die on the spot), so
+    # the caller's own handlers are put back afterwards.
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    for signum in previous:
         loop.add_signal_handler(signum, lambda s=signum: stopped.done() or stopped.set_result(
             signal.Signals(s).name))
     engine.start()
@@ -378,8 +381,9 @@ async def run_engine(config: Config, plan: Any, tun: Any, state_dir: Path) -> st
             await asyncio.wait([stopped], timeout=1.0)
     finally:
         engine.stop()
-        for signum in (signal.SIGINT, signal.SIGTERM):
+        for signum, handler in previous.items():
             loop.remove_signal_handler(signum)
+            signal.signal(signum, handler)
         stats_path.unlink(missing_ok=True)
     return stopped.result()
 

@@ -33,6 +33,7 @@ from proxyvpn.plan.selection import (
     CgroupTracker,
     ResolvedSelection,
     nft_cgroup_ref,
+    nft_safe_path,
     resolve_selection,
 )
 
@@ -156,7 +157,8 @@ def plan_selection(config: Config, facts: HostFacts,
         return None, ()
     tracker = CgroupTracker(sel)
     tracker.reconcile(dict(facts.cgroups))
-    return sel, tuple(sorted(tracker.held.items()))
+    # Only names nft can take go in the initial table; the watcher adds the rest.
+    return sel, tuple(sorted((p, i) for p, i in tracker.held.items() if nft_safe_path(p)))
 
 
 def _cgroup_elements(sel: ResolvedSelection | None, held: tuple[tuple[str, int], ...],

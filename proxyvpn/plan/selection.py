@@ -172,6 +172,18 @@ def resolve_selection(config: Config, facts: HostFacts) -> ResolvedSelection:
     )
 
 
+_NFT_SAFE_PATH = re.compile(r"[A-Za-z0-9_@.:+=,%/-]+")
+"""cgroup paths the table may name in its initial set elements: nft's quoted strings take
+no '"' (it is dropped), and a name that is not UTF-8 cannot be encoded at all. Any user
+can create such a cgroup in their delegated subtree; it must not make `up` fail."""
+
+
+def nft_safe_path(path: str) -> bool:
+    """`path` can be written into the nft ruleset text as a set element. The others are
+    added by the watcher right after the table loads, through /proc/self/fd/N."""
+    return _NFT_SAFE_PATH.fullmatch(path) is not None
+
+
 def nft_cgroup_ref(absolute: str) -> str:
     """How to name a cgroup to nft: nft (1.0.x) resolves a cgroupsv2 element by stat()ing
     "/sys/fs/cgroup/" + the string, whatever the real mount point, and accepts no numeric

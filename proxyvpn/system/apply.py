@@ -11,6 +11,7 @@ import datetime
 import errno
 import logging
 import os
+import signal
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -238,27 +239,37 @@ def apply_plan(plan: Plan, state: StateDir, extra: dict[str, Any]) -> Applied:
     doc["applied"] = []
     executor = _Executor()
     done: list[Op] = []
-    for op in plan.ops:
-        doc["applied"].append(op.to_dict())
-        state.write(doc)
-        log.info("[#] %s", op.command())
-        try:
+    current: Op | None = None
+    # One try around the whole loop: a signal (SIGTERM raises KeyboardInterrupt, see
+    # app.run_up) may land between two ops as well as inside one.
+    try:
+        for op in plan.ops:
+            current = op
+            doc["applied"].append(op.to_dict())
+            state.write(doc)
+            log.info("[#] %s", op.command())
             executor.run(op)
-        except BaseException as exc:
-            _rollback(op, exc, done, doc, state, executor)
-            raise  # only reached for KeyboardInterrupt and friends
-        done.append(op)
+            done.append(op)
+            current = None
+    except BaseException as exc:
+        _rollback(current, exc, done, doc, state, executor)
+        raise  # only reached for KeyboardInterrupt and friends
     # Do not hold a netlink socket (and pyroute2's private event loop) while the engine
     # runs its own asyncio loop; teardown opens a fresh one.
     executor.close()
     return Applied(done, state, executor)
 
 
-def _rollback(op: Op, exc: BaseException, done: list[Op], doc: dict[str, Any],
+def _rollback(op: Op | None, exc: BaseException, done: list[Op], doc: dict[str, Any],
               state: StateDir, executor: _Executor) -> None:
+    """Undo `done` and `op` (the op that was being applied; None between two ops)."""
+    # A second Ctrl+C / SIGTERM must not cut the rollback short.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     preexisting = isinstance(exc, OSError) and exc.errno in PREEXISTING_ERRNOS
-    to_undo = done if preexisting else [*done, op]
-    log.error("failed: %s: %s; rolling back %d operation(s)", op.summary(), _cause(exc),
+    to_undo = done if preexisting or op is None else [*done, op]
+    what = op.summary() if op is not None else "between two operations"
+    log.error("failed: %s: %s; rolling back %d operation(s)", what, _cause(exc),
               len(to_undo))
     try:
         errors = _undo(to_undo, executor)
@@ -276,7 +287,7 @@ def _rollback(op: Op, exc: BaseException, done: list[Op], doc: dict[str, Any],
     else:
         state.remove()
     if isinstance(exc, Exception):
-        error = ApplyError(op, cause)
+        error = ApplyError(op if op is not None else "the state file", cause)
         # The nft op's command is the whole ruleset; the message names it briefly.
-        error.args = (f"failed to apply `{op.summary()}`: {cause}",)
+        error.args = (f"failed to apply `{what}`: {cause}",)
         raise error from exc

@@ -552,3 +552,26 @@ def test_iptables_killswitch_leaves_the_hosts_own_output_rules_in_force(ns, tmp_
     ns.run("iptables", "-D", "OUTPUT", "-o", "lo", "-p", "tcp", "--dport", "7070",
            "-j", "REJECT", "--reject-with", "tcp-reset")
     assert probe(ns, "127.0.0.1", 7070) == "ok"
+
+
+@pytest.mark.parametrize("after", ["[#] nft", "[#] ip link set", "up:"])
+def test_sigterm_at_any_moment_of_up_rolls_back_cleanly(lab, after):
+    """SIGTERM (what `proxyvpn down` and systemd send) while the plan is being applied, or
+    just before the engine installed its handler, undoes everything and exits 0 -- it
+    must not kill the process with the firewall and routes left in place."""
+    import signal
+    import time
+
+    from nslib import assert_same_snapshot
+
+    before = lab.client.snapshot()
+    vpn = lab.start_vpn(wait=False)
+    deadline = time.monotonic() + 20
+    while after not in lab.vpn_log() and vpn.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.002)
+    assert after in lab.vpn_log(), lab.vpn_log()
+    vpn.send_signal(signal.SIGTERM)
+    assert vpn.wait(20) in (0, 130), lab.vpn_log()
+    assert "Traceback" not in lab.vpn_log(), lab.vpn_log()
+    lab.vpn = None
+    assert_same_snapshot(before, lab.client.snapshot())

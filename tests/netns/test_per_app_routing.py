@@ -204,3 +204,18 @@ def test_unanchored_skip_pattern_is_warned_about_at_start(lab):
         line = [x for x in lab.vpn_log().splitlines() if "is not anchored with ^" in x]
         assert len(line) == 1 and f"'{name}-nothing'" in line[0], lab.vpn_log()
         assert lab.stop_vpn() == 0
+
+
+def test_cgroup_with_an_odd_name_before_up_neither_breaks_up_nor_escapes(lab):
+    """Any user can name a cgroup in their delegated subtree; one nft could not take in
+    the ruleset text (a quote) must not stop `up`, and still lands in its set (the watcher
+    names it by file descriptor)."""
+    with cgroup_base() as name:
+        root = cgroup2_mount()
+        odd = Path(root) / name / 'sel-a"b'
+        odd.mkdir(parents=True)
+        start_vpn(lab, "--only-cgroup", f"^/{name}/sel-", "--exec-cgroup", f"{name}x")
+        wait_for(lambda: odd.stat().st_ino in _set_ids(lab, "cg_only_l2"), timeout=1.0,
+                 interval=0.02, what="the odd cgroup in the nft set")
+        odd.rmdir()
+        assert lab.stop_vpn() == 0

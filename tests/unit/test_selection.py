@@ -29,6 +29,7 @@ from proxyvpn.plan.selection import (
     cgroup_level,
     needs_watch,
     nft_cgroup_ref,
+    nft_safe_path,
     resolve_selection,
     sets_for,
     too_deep_match,
@@ -474,3 +475,30 @@ def test_watcher_warns_about_unanchored_skips_and_too_deep_matches(watch, caplog
     too_deep = [m for m in messages if "deeper than level 8" in m]
     assert len(too_deep) == 1 and "/d/d/d/d/d/d/d/d/d/leaf-x" in too_deep[0]
     assert "--skip-cgroup" in too_deep[0]
+
+
+@pytest.mark.parametrize("path, safe", [
+    ("/user.slice/user-1000.slice/app-firefox@1.service", True),
+    ("/system.slice/systemd-journald.service", True),
+    ('/user.slice/a"b', False),          # nft drops the quote: names another cgroup
+    ("/user.slice/a\\x2db.scope", False),  # systemd escapes: left to the watcher
+    ("/user.slice/caf\udce9", False),     # not UTF-8 (surrogateescape): cannot encode
+    ("/user.slice/a b", False),
+])
+def test_nft_safe_path(path, safe):
+    assert nft_safe_path(path) is safe
+
+
+def test_unsafe_cgroup_names_stay_out_of_the_initial_table():
+    """Any user can name a cgroup in their delegated subtree; an odd name must not break
+    `up` (nft would refuse or misread it): it is left for the watcher, which names
+    cgroups by file descriptor."""
+    odd = '/user.slice/user-1000.slice/app-firefox@2.service/x"y'
+    facts = dataclasses.replace(CG_FACTS, cgroups=(*CG_FACTS.cgroups, (odd, 9),
+                                                   ("/user.slice/caf\udce9", 10)))
+    plan = build_plan(config(only_cgroup=[r"app-firefox@\d+\.service"],
+                             skip_cgroup=["^/user.slice/caf"]), facts)
+    held = dict(plan.cgroups_held)
+    assert odd not in held and "/user.slice/caf\udce9" not in held
+    assert "/user.slice/user-1000.slice/app-firefox@1.service" in held
+    plan.ops[0].text.encode()  # the ruleset text is encodable
