@@ -40,7 +40,7 @@ setup() {
   "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null
   "$VENV/bin/python" -m pip install -q -e '.[test]'
   # Editable installs build the extension into the source tree; make sure it is current.
-  "$VENV/bin/python" setup.py -q build_ext --inplace >/dev/null
+  PYTHONWARNINGS=ignore "$VENV/bin/python" setup.py -q build_ext --inplace >/dev/null
   "$VENV/bin/python" -c "import proxyvpn._fastpath" || { echo "dev.sh: C extension did not build" >&2; exit 1; }
 }
 
