@@ -122,10 +122,10 @@ def run_up(config: Config) -> int:
                 # journal for `proxyvpn down`, which must then stay).
                 state.remove()
             raise
-        log.info("up: %s via %s (killswitch %s); Ctrl+C or `proxyvpn down` to stop",
-                 config.tun_name, config.proxy.display(), "on" if config.killswitch else "off")
+        ready = (f"up: {config.tun_name} via {config.proxy.display()} (killswitch "
+                 f"{'on' if config.killswitch else 'off'}); Ctrl+C or `proxyvpn down` to stop")
         stop_reason = asyncio.run(_serve(run_engine(config, plan, applied.tun, state_dir),
-                                         plan))
+                                         plan, ready))
     except KeyboardInterrupt:
         if applied is None:
             raise
@@ -144,9 +144,10 @@ def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
-async def _serve(engine: Any, plan: Any) -> str:
+async def _serve(engine: Any, plan: Any, ready: str) -> str:
     """Run the engine with the cgroup watcher beside it (when the table has cgroup sets);
-    the watcher stops before teardown removes the table its sets live in."""
+    the watcher stops before teardown removes the table its sets live in. `ready` is
+    logged once everything runs (scripts and tests wait for it)."""
     watcher = None
     if plan.selection is not None and plan.selection.watches_cgroups and plan.cgroup2:
         from proxyvpn.system.cgwatch import CgroupWatcher
@@ -157,6 +158,7 @@ async def _serve(engine: Any, plan: Any) -> str:
         except BaseException:
             engine.close()
             raise
+    log.info("%s", ready)
     try:
         return await engine
     finally:
