@@ -17,7 +17,6 @@ import logging
 import os
 import secrets
 import signal
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -28,6 +27,7 @@ from proxyvpn.config import Config
 from proxyvpn.errors import ProxyError, ProxyProtocolError, ProxyUnreachableError, ProxyVpnError
 from proxyvpn.netstack import fast
 from proxyvpn.netstack.tcp import TcpConnection, TcpParams, reset_for
+from proxyvpn.netstack.wire import strip_vnet
 from proxyvpn.relay.dial import ProxyEndpoint, TunnelProtocol, open_tunnel
 
 log = logging.getLogger("proxyvpn.aio")
@@ -46,7 +46,6 @@ class Engine:
         self.fd = tun_fd
         self.vnet = vnet
         """The TUN has IFF_VNET_HDR + offload: 64 KiB segments both ways (system/tun.py)."""
-        self._ctl_gso = 0 if vnet else -1
         self._read_size = 65536 + (64 if vnet else 0)  # an IPv6 GSO packet may exceed 64 KiB a little
         self.wire = fast.select(pure=config.pure_python)
         self.params = TcpParams(mss=config.mtu - 60 if config.ipv6 else config.mtu - 40)
@@ -61,7 +60,7 @@ class Engine:
         self._flush_scheduled = False
         self._auth_reported = False
         self._loop = asyncio.get_running_loop()
-        self._pcap = _open_pcap(pcap_path, self.wire if vnet else None) if pcap_path else None
+        self._pcap = _open_pcap(pcap_path, vnet) if pcap_path else None
         self._seq = 0
 
     # ------------------------------------------------------------------ TUN input
@@ -129,7 +128,7 @@ class Engine:
         if reply is not None:
             rseq, rack, rflags = reply
             self._out.append(self.wire.build(family, dst, src, dport, sport, rseq, rack, rflags, 0,
-                                             gso_size=self._ctl_gso))
+                                             gso_size=0 if self.vnet else -1))
             self.stats["resets_sent"] += 1
 
     # ------------------------------------------------------------------ flows
@@ -320,8 +319,8 @@ class Engine:
         return stats
 
 
-def _open_pcap(path: Path, vnet_wire: Any = None) -> Any:
-    """A pcap writer of raw IP packets. With `vnet_wire` (an offloaded TUN) each packet's
+def _open_pcap(path: Path, vnet: bool = False) -> Any:
+    """A pcap writer of raw IP packets. With `vnet` (an offloaded TUN) each packet's
     virtio_net_hdr is stripped and a partial TCP checksum completed, so that Wireshark
     sees what the kernel on the other side sees."""
     import dpkt
@@ -332,29 +331,14 @@ def _open_pcap(path: Path, vnet_wire: Any = None) -> Any:
 
     class _Pcap:
         def writepkt(self, packet: bytes, stamp: float) -> None:
-            if vnet_wire is not None:
-                packet = _complete_vnet(packet, vnet_wire)
+            if vnet:
+                packet = strip_vnet(packet)
             writer.writepkt(packet, ts=stamp)
 
         def close(self) -> None:
             writer.close()
 
     return _Pcap()
-
-
-def _complete_vnet(packet: bytes, wire: Any) -> bytes:
-    """The bare IP packet behind a virtio_net_hdr, with a NEEDS_CSUM checksum completed
-    (csum_start/csum_offset say where: RFC 1071 sum from start, stored at offset)."""
-    n = wire.VNET_HDR_LEN
-    if len(packet) < n:
-        return packet
-    flags = packet[0]
-    ip = bytearray(packet[n:])
-    start = int.from_bytes(packet[6:8], sys.byteorder)
-    offset = int.from_bytes(packet[8:10], sys.byteorder)
-    if flags & 1 and start + offset + 2 <= len(ip):
-        ip[start + offset:start + offset + 2] = wire.checksum(ip[start:]).to_bytes(2, "big")
-    return bytes(ip)
 
 
 async def run_engine(config: Config, plan: Any, tun: Any, state_dir: Path) -> str:

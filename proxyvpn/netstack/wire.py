@@ -555,6 +555,19 @@ def build_many(
 # --------------------------------------------------------------------------- batch I/O
 
 
+def strip_vnet(packet: bytes) -> bytes:
+    """The bare IP packet behind a virtio_net_hdr, its NEEDS_CSUM checksum completed as
+    the kernel would (RFC 1071 sum from csum_start, stored at csum_offset). For --pcap
+    only, so it has no C twin."""
+    if len(packet) < VNET_HDR_LEN:
+        return packet
+    flags, _, _, _, start, offset = _VNET_HDR.unpack_from(packet)
+    ip = bytearray(packet[VNET_HDR_LEN:])
+    if flags & _VNET_F_NEEDS_CSUM and start + offset + 2 <= len(ip):
+        ip[start + offset : start + offset + 2] = checksum(ip[start:]).to_bytes(2, "big")
+    return bytes(ip)
+
+
 def _batch_args(fd: object, max_packets: object, bufsize: object) -> tuple[int, int, int]:
     """Validate read_batch arguments exactly as the C version does."""
     f = _int(fd, 0, 2**31 - 1, "fd")

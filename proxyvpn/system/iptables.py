@@ -11,6 +11,7 @@ delete our own chains, the jumps we inserted, and tables we created that are lef
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import subprocess
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ class IptablesError(OSError):
     """An iptables command failed; .errno is EEXIST/ENOENT/EPERM where the message says so."""
 
 
+@functools.cache
 def _binary(family: int, what: str) -> str:
     """The nf_tables flavour (system/firewall.py says why); the plain name if none is
     found, so that the error names what is missing."""
@@ -217,11 +219,9 @@ def remove(family: int, chains: tuple[str, ...], jumps: tuple[str, ...],
 def _drop_created_tables(family: int, new_tables: tuple[str, ...]) -> bool:
     """iptables-nft creates a table (as nftables table `ip mangle`...) on first use and
     keeps it, empty, after our chains are gone; iptables has no command to delete a
-    table, nft does. Legacy tables are kernel modules and cannot be removed: skipped."""
+    table, nft does. (Only the nf_tables flavour is ever used: system/firewall.py.)"""
     from proxyvpn.system import nft
 
-    if "nf_tables" not in _run([_binary(family, "restore"), "--version"]).stdout:
-        return False
     tables = dump(family)
     did = False
     for name in new_tables:

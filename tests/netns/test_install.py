@@ -297,6 +297,23 @@ def _down(lab, installed: Installed, state: Path, proc: subprocess.Popen,
     assert proc.wait(20) == 0
 
 
+def _assert_secret_nowhere(password: str, state: Path | None = None) -> None:
+    """Not in any process's command line, nor (given `state`) in the state files."""
+    secret = password.encode()
+    leaks = [p for p, cmd in all_cmdlines().items() if secret in cmd]
+    assert not leaks, f"password in the command line of pids {leaks}"
+    for path in state.iterdir() if state else ():
+        assert secret not in path.read_bytes(), f"password in {path}"
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """SIGTERM the process group of an `up` a test left running, and reap it."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(20)
+
+
 def _fetch_through_proxy(lab) -> None:
     result = lab.tool(lab.client, "client", "--host", SERVER4, "--port", "9000",
                       "--up", "20000", "--down", "50000", timeout=30)
@@ -356,17 +373,10 @@ def test_user_up_down_through_proxy(installed: Installed, lab):
         _fetch_through_proxy(lab)
 
         assert not list(markers.iterdir()), "the evil environment reached the process"
-        secret = password.encode()
-        leaks = [p for p, cmd in all_cmdlines().items() if secret in cmd]
-        assert not leaks, f"password in the command line of pids {leaks}"
-        for path in state.iterdir():
-            assert secret not in path.read_bytes(), f"password in {path}"
+        _assert_secret_nowhere(password, state)
         _down(lab, installed, state, proc)
     finally:
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(20)
+        _stop(proc)
     assert password not in log1.read_text(errors="replace")
     assert " up: " in log1.read_text() and "down:" in log1.read_text()
     assert_same_snapshot(before, lab.client.snapshot())
@@ -381,16 +391,10 @@ def test_user_up_down_through_proxy(installed: Installed, lab):
                      "--password-file", str(pwfile), "--verbose")
     try:
         _fetch_through_proxy(lab)
-        leaks = [p for p, cmd in all_cmdlines().items() if password.encode() in cmd]
-        assert not leaks, f"password in the command line of pids {leaks}"
-        for path in state.iterdir():
-            assert password.encode() not in path.read_bytes(), f"password in {path}"
+        _assert_secret_nowhere(password, state)
         _down(lab, installed, state, proc)
     finally:
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(20)
+        _stop(proc)
     assert password not in log2.read_text(errors="replace")
     assert_same_snapshot(before, lab.client.snapshot())
 
@@ -427,14 +431,10 @@ def test_started_like_the_systemd_unit(installed: Installed, lab):
             assert int(status[key], 16) == NET_ADMIN, (key, status[key])
         assert status["NoNewPrivs"] == "1"
         _fetch_through_proxy(lab)
-        leaks = [p for p, cmd in all_cmdlines().items() if password.encode() in cmd]
-        assert not leaks, f"password in the command line of pids {leaks}"
+        _assert_secret_nowhere(password)
         _down(lab, installed, state, proc, service=True)
     finally:
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(20)
+        _stop(proc)
     assert password not in log.read_text(errors="replace")
     assert_same_snapshot(before, lab.client.snapshot())
 
