@@ -18,6 +18,7 @@
 #include <errno.h>
 #include <stdint.h>
 #include <string.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 /* TCP flag bits (RFC 9293 §3.1; ECE and CWR from RFC 3168 §6.1). */
@@ -606,12 +607,16 @@ static inline size_t max_tcp_len(int family) { return family == 4 ? MAX_IP_LEN -
  * once, checksums computed over the finished bytes (still hot in cache). The caller
  * guarantees the sizes fit. */
 static PyObject *emit(const flow_t *f, uint32_t seq, unsigned flags, const uint8_t *opts,
-                      size_t optlen, const uint8_t *payload, size_t paylen, long gso_size)
+                      size_t optlen, const uint8_t *payload, size_t paylen, long gso_size,
+                      PyObject *split)
 {
     size_t ip_hlen = f->family == 4 ? 20 : 40;
     size_t thl = 20 + optlen, tcp_len = thl + paylen, total = ip_hlen + tcp_len;
     size_t vlen = gso_size >= 0 ? VNET_HDR_LEN : 0;
-    PyObject *pkt = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(vlen + total));
+    /* split (only with a partial checksum, which never reads the payload): the headers
+     * alone, paired with the payload object for a gathered write -- no payload copy. */
+    size_t alloc = split != NULL ? vlen + ip_hlen + thl : vlen + total;
+    PyObject *pkt = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)alloc);
     uint8_t *p, *t;
 
     if (pkt == NULL)
@@ -669,38 +674,45 @@ static PyObject *emit(const flow_t *f, uint32_t seq, unsigned flags, const uint8
     put16(t + 18, 0); /* urgent pointer */
     if (optlen)
         memcpy(t + 20, opts, optlen);
-    if (paylen)
+    if (paylen && split == NULL)
         memcpy(t + thl, payload, paylen);
     if (vlen) /* partial: the folded pseudo-header sum, not complemented */
         put16(t + 16, fold16(f->pseudo + tcp_len));
     else
         put16(t + 16, inet_csum(t, tcp_len, f->pseudo + tcp_len));
+    if (split != NULL) {
+        PyObject *pair = PyTuple_Pack(2, pkt, split);
+        Py_DECREF(pkt);
+        return pair;
+    }
     return pkt;
 }
 
 PyDoc_STRVAR(build_doc,
 "build($module, /, family, src, dst, sport, dport, seq, ack, flags, window,\n"
-"      payload=b'', mss=0, wscale=-1, sack_permitted=False, gso_size=-1)\n--\n\n"
+"      payload=b'', mss=0, wscale=-1, sack_permitted=False, gso_size=-1, split=False)\n--\n\n"
 "One complete IP+TCP packet with correct checksums. Options: MSS 02 04 hi lo\n"
 "(mss > 0), then 01 01 04 02 (sack_permitted), then 01 03 03 shift (wscale >= 0).\n"
 "gso_size >= 0: prefix a virtio_net_hdr for an IFF_VNET_HDR TUN, leave the TCP\n"
 "checksum partial (NEEDS_CSUM), and mark a payload longer than gso_size (> 0) as\n"
-"TCP GSO with that segment size.");
+"TCP GSO with that segment size. split (with gso_size >= 0 and a payload): return\n"
+"(headers, payload) -- the payload object itself, uncopied -- for write_batch.");
 
 static PyObject *fp_build(PyObject *Py_UNUSED(mod), PyObject *const *args, Py_ssize_t nargs,
                           PyObject *kwnames)
 {
     static const char *const names[] = {"family", "src", "dst", "sport", "dport",
                                         "seq", "ack", "flags", "window", "payload",
-                                        "mss", "wscale", "sack_permitted", "gso_size"};
-    PyObject *a[14], *res = NULL;
+                                        "mss", "wscale", "sack_permitted", "gso_size",
+                                        "split"};
+    PyObject *a[15], *res = NULL;
     build_args_t b;
     long long mss = 0, wscale = -1, gso_size = -1;
-    int sack = 0;
+    int sack = 0, split = 0;
     uint8_t opts[12];
     size_t optlen = 0, paylen;
 
-    if (get_args("build", names, 14, 9, args, nargs, kwnames, a) < 0)
+    if (get_args("build", names, 15, 9, args, nargs, kwnames, a) < 0)
         return NULL;
     if (get_build_args(a, &b) < 0)
         goto done;
@@ -712,6 +724,8 @@ static PyObject *fp_build(PyObject *Py_UNUSED(mod), PyObject *const *args, Py_ss
     if (a[12] != NULL && (sack = PyObject_IsTrue(a[12])) < 0)
         goto done;
     if (a[13] != NULL && get_int(a[13], -1, 0xffff, "gso_size", &gso_size) < 0)
+        goto done;
+    if (a[14] != NULL && (split = PyObject_IsTrue(a[14])) < 0)
         goto done;
     if (mss > 0) {
         opts[optlen++] = 2;
@@ -737,7 +751,8 @@ static PyObject *fp_build(PyObject *Py_UNUSED(mod), PyObject *const *args, Py_ss
         goto done;
     }
     res = emit(&b.f, b.seq, b.flags, opts, optlen,
-               b.have_payload ? (const uint8_t *)b.payload.buf : NULL, paylen, (long)gso_size);
+               b.have_payload ? (const uint8_t *)b.payload.buf : NULL, paylen, (long)gso_size,
+               split && gso_size >= 0 && paylen ? a[9] : NULL);
 done:
     release_build_args(&b);
     return res;
@@ -785,7 +800,7 @@ static PyObject *fp_build_many(PyObject *Py_UNUSED(mod), PyObject *const *args,
         size_t len = total - off < (size_t)mss ? total - off : (size_t)mss;
         /* Sequence space wraps modulo 2**32 (RFC 9293 §3.4). */
         PyObject *pkt = emit(&b.f, b.seq + (uint32_t)off, i + 1 == nseg ? b.flags : mid_flags,
-                             NULL, 0, len ? data + off : NULL, len, -1);
+                             NULL, 0, len ? data + off : NULL, len, -1, NULL);
         if (pkt == NULL) {
             Py_CLEAR(list);
             goto done;
@@ -882,8 +897,12 @@ fail:
 
 PyDoc_STRVAR(write_batch_doc,
 "write_batch($module, /, fd, packets)\n--\n\n"
-"Write each packet with one write(); return how many were written. EAGAIN and\n"
+"Write each packet with one write() -- or one writev() for a tuple of buffers, the\n"
+"parts of one packet (build(split=True)); return how many were written. EAGAIN and\n"
 "ENOBUFS end the batch early; other errors raise OSError with .packets_written.");
+
+/* Parts of one gathered packet: headers + payload, with room to spare. */
+#define WRITE_MAX_PARTS 4
 
 static PyObject *fp_write_batch(PyObject *Py_UNUSED(mod), PyObject *const *args,
                                 Py_ssize_t nargs, PyObject *kwnames)
@@ -891,8 +910,9 @@ static PyObject *fp_write_batch(PyObject *Py_UNUSED(mod), PyObject *const *args,
     static const char *const names[] = {"fd", "packets"};
     PyObject *a[2], *seq;
     long long fd;
-    Py_buffer *bufs;
-    Py_ssize_t n, i, got = 0, written = 0;
+    Py_buffer *bufs = NULL;
+    Py_ssize_t *first = NULL; /* packet i is bufs[first[i] .. first[i + 1]) */
+    Py_ssize_t n, i, nbufs = 0, got = 0, written = 0;
     int err = 0;
 
     if (get_args("write_batch", names, 2, 2, args, nargs, kwnames, a) < 0)
@@ -903,23 +923,60 @@ static PyObject *fp_write_batch(PyObject *Py_UNUSED(mod), PyObject *const *args,
     if (seq == NULL)
         return NULL;
     n = PySequence_Fast_GET_SIZE(seq);
+    for (i = 0; i < n; i++) {
+        PyObject *item = PySequence_Fast_GET_ITEM(seq, i);
+        Py_ssize_t parts = PyTuple_Check(item) ? PyTuple_GET_SIZE(item) : 1;
+        if (parts < 1 || parts > WRITE_MAX_PARTS) {
+            PyErr_Format(PyExc_ValueError, "a packet has 1..%d parts, got %zd",
+                         WRITE_MAX_PARTS, parts);
+            Py_DECREF(seq);
+            return NULL;
+        }
+        nbufs += parts;
+    }
     /* Gather every buffer before releasing the GIL: the exports pin the memory (a
      * bytearray cannot resize while exported) for the duration of the writes. */
-    bufs = PyMem_Malloc((size_t)(n > 0 ? n : 1) * sizeof(*bufs));
-    if (bufs == NULL) {
+    bufs = PyMem_Malloc((size_t)(nbufs > 0 ? nbufs : 1) * sizeof(*bufs));
+    first = PyMem_Malloc((size_t)(n + 1) * sizeof(*first));
+    if (bufs == NULL || first == NULL) {
+        PyMem_Free(bufs);
+        PyMem_Free(first);
         Py_DECREF(seq);
         return PyErr_NoMemory();
     }
-    for (got = 0; got < n; got++) {
-        if (PyObject_GetBuffer(PySequence_Fast_GET_ITEM(seq, got), &bufs[got], PyBUF_SIMPLE) < 0)
-            goto release;
+    for (i = 0; i < n; i++) {
+        PyObject *item = PySequence_Fast_GET_ITEM(seq, i);
+        first[i] = got;
+        if (!PyTuple_Check(item)) {
+            if (PyObject_GetBuffer(item, &bufs[got], PyBUF_SIMPLE) < 0)
+                goto release;
+            got++;
+            continue;
+        }
+        for (Py_ssize_t k = 0; k < PyTuple_GET_SIZE(item); k++) {
+            if (PyObject_GetBuffer(PyTuple_GET_ITEM(item, k), &bufs[got], PyBUF_SIMPLE) < 0)
+                goto release;
+            got++;
+        }
     }
+    first[n] = got;
 
     Py_BEGIN_ALLOW_THREADS
     for (i = 0; i < n;) {
         /* TUN and datagram sockets take a packet whole or not at all, so any
          * non-negative return is one packet written. */
-        ssize_t r = write((int)fd, bufs[i].buf, (size_t)bufs[i].len);
+        Py_ssize_t lo = first[i], parts = first[i + 1] - lo;
+        ssize_t r;
+        if (parts == 1) {
+            r = write((int)fd, bufs[lo].buf, (size_t)bufs[lo].len);
+        } else {
+            struct iovec iov[WRITE_MAX_PARTS];
+            for (Py_ssize_t k = 0; k < parts; k++) {
+                iov[k].iov_base = bufs[lo + k].buf;
+                iov[k].iov_len = (size_t)bufs[lo + k].len;
+            }
+            r = writev((int)fd, iov, (int)parts);
+        }
         if (r < 0) {
             if (errno == EINTR)
                 continue;
@@ -948,8 +1005,9 @@ release:
     for (i = 0; i < got; i++)
         PyBuffer_Release(&bufs[i]);
     PyMem_Free(bufs);
+    PyMem_Free(first);
     Py_DECREF(seq);
-    if (got < n || err != 0)
+    if (got < nbufs || err != 0)
         return NULL;
     return PyLong_FromSsize_t(written);
 }

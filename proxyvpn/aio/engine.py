@@ -11,12 +11,12 @@ import asyncio
 import errno
 import gc
 import heapq
-import ipaddress
 import json
 import logging
 import os
 import secrets
 import signal
+import socket
 import time
 from collections import Counter
 from pathlib import Path
@@ -52,8 +52,9 @@ class Engine:
         self.flows: dict[tuple[bytes, int, bytes, int], Flow] = {}
         self.stats: Counter[str] = Counter()
         self._dirty: dict[Flow, None] = {}  # insertion-ordered set
-        self._out: list[bytes] = []
-        self._backlog: list[bytes] = []
+        self._out: list[bytes | tuple] = []
+        """Packets to write: bytes, or (headers, payload) from build(split=True)."""
+        self._backlog: list[bytes | tuple] = []
         self._timers: list[tuple[float, int, Flow]] = []
         self._timer_handle: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
@@ -147,7 +148,7 @@ class Engine:
         conn = TcpConnection(self.params, iss=secrets.randbits(32), irs=seq, peer_window=window,
                              peer_mss=mss, peer_wscale=wscale, peer_sack_permitted=bool(sack_ok),
                              now=now)
-        dst_ip = str(ipaddress.ip_address(dst))
+        dst_ip = socket.inet_ntop(socket.AF_INET if family == 4 else socket.AF_INET6, dst)
         flow = Flow(self, key, family, conn, dst_ip, dport, gso_size)
         self.flows[key] = flow
         self.stats["flows_opened"] += 1
@@ -229,10 +230,19 @@ class Engine:
             for flow in dirty:
                 family, (src, sport, dst, dport) = flow.family, flow.key
                 gso_size = flow.gso_size
+                # split: headers apart from the payload, which write_batch gathers
+                # with writev -- the payload is copied once, by the kernel.
                 for seg in flow.conn.segments_to_send(now):
-                    out.append(build(family, dst, src, dport, sport, *seg, gso_size=gso_size))
+                    out.append(build(family, dst, src, dport, sport, *seg, gso_size=gso_size,
+                                     split=True))
+                # Lazy timers: a flow keeps at most one live heap entry, the earliest
+                # deadline it has asked for. A deadline that moved later (the RTO and idle
+                # timers move on every ACK) is left to the entry already queued, which
+                # fires early, finds nothing due and re-queues: one heap push per RTO
+                # period instead of one per packet.
                 deadline = flow.conn.next_timer()
-                if deadline is not None and deadline != flow.timer_at:
+                at = flow.timer_at
+                if deadline is not None and (at is None or deadline < at):
                     flow.timer_at = deadline
                     self._seq += 1
                     heapq.heappush(self._timers, (deadline, self._seq, flow))
@@ -242,11 +252,11 @@ class Engine:
             self._write(out)
         self._arm_timer()
 
-    def _write(self, packets: list[bytes]) -> None:
+    def _write(self, packets: list[bytes | tuple]) -> None:
         if self._pcap:
             stamp = time.time()
             for packet in packets:
-                self._pcap.writepkt(packet, stamp)
+                self._pcap.writepkt(b"".join(packet) if type(packet) is tuple else packet, stamp)
         self.stats["packets_out"] += len(packets)
         if self._backlog:
             self._backlog.extend(packets)

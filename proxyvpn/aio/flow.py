@@ -37,7 +37,7 @@ class Flow:
     """Glue between one TcpConnection and one TunnelProtocol (it is the tunnel's sink)."""
 
     __slots__ = ("engine", "key", "family", "conn", "dst_host", "dst_port", "tunnel", "task",
-                 "pending", "pending_eof", "timer_at", "log", "_closed", "_reading_paused", "_fin_queued", "last_rx", "_eof_timer", "gso_size")
+                 "pending", "pending_eof", "timer_at", "_log", "_closed", "_reading_paused", "_fin_queued", "last_rx", "_eof_timer", "gso_size")
 
     def __init__(self, engine: Engine, key: tuple[bytes, int, bytes, int], family: int,
                  conn: TcpConnection, dst_host: str, dst_port: int, gso_size: int = -1) -> None:
@@ -60,9 +60,17 @@ class Flow:
         self._fin_queued = False
         self.last_rx = 0.0
         self._eof_timer: asyncio.TimerHandle | None = None
-        src = f"{ipaddress.ip_address(key[0])}:{key[1]}"
-        dst = f"[{dst_host}]:{dst_port}" if ":" in dst_host else f"{dst_host}:{dst_port}"
-        self.log = FlowLogger(log, {"flow": f"{src} -> {dst}"})
+        self._log: FlowLogger | None = None
+
+    @property
+    def log(self) -> FlowLogger:
+        """This flow's logger (built on first use: most flows never log)."""
+        if self._log is None:
+            key, host, port = self.key, self.dst_host, self.dst_port
+            src = f"{ipaddress.ip_address(key[0])}:{key[1]}"
+            dst = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            self._log = FlowLogger(log, {"flow": f"{src} -> {dst}"})
+        return self._log
 
     def __hash__(self) -> int:
         return id(self)

@@ -19,8 +19,9 @@ class Established:
 class DataReceived:
     """In-order bytes from the app, ready to be written to the proxy socket."""
 
-    data: bytes
-    """The bytes, in stream order, directly after those of the previous event."""
+    data: bytes | memoryview
+    """The bytes, in stream order, directly after those of the previous event (a
+    read-only view when they lie in an immutable packet)."""
 
 
 @dataclass(frozen=True, slots=True)

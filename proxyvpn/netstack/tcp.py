@@ -875,7 +875,12 @@ class TcpConnection:
         self, payload: bytes | bytearray | memoryview, lo: int, hi: int, now: float
     ) -> None:
         """Emit in-order text ``payload[lo:hi]`` (which starts at RCV.NXT)."""
-        data = bytes(payload) if lo == 0 and hi == len(payload) else bytes(payload[lo:hi])
+        if type(payload) is memoryview and type(payload.obj) is bytes:
+            # A view of an immutable packet may be kept as it is: the 64 KiB copy per
+            # offloaded segment was the one memcpy left on the upload path.
+            data = payload if lo == 0 and hi == len(payload) else payload[lo:hi]
+        else:
+            data = bytes(payload) if lo == 0 and hi == len(payload) else bytes(payload[lo:hi])
         self.rcv_nxt += hi - lo
         if self._ooo_starts and self._ooo_starts[0] <= self.rcv_nxt:
             chunks = self._ooo_drain()

@@ -465,7 +465,8 @@ def build(
     wscale: int = -1,
     sack_permitted: bool = False,
     gso_size: int = -1,
-) -> bytes:
+    split: bool = False,
+) -> bytes | tuple[bytes, object]:
     """One complete IP+TCP packet with correct checksums.
 
     IPv4: IHL 5, TOS 0, ID 0, DF, TTL 64. IPv6: class 0, flow label 0, hop limit 64.
@@ -476,6 +477,10 @@ def build(
     prefix and a partial TCP checksum (NEEDS_CSUM: the kernel takes CHECKSUM_PARTIAL
     as verified for local delivery and completes it if the packet is forwarded), and a
     payload longer than ``gso_size`` (> 0, the app's MSS) is marked TCP GSO.
+
+    ``split`` (with ``gso_size >= 0`` and a payload, where the checksum is partial and
+    never reads the payload): ``(headers, payload)`` -- the payload object itself,
+    not copied -- for :func:`write_batch` to send with one writev().
     """
     fam, s, d = _addresses(family, src, dst)
     sp = _int(sport, 0, 0xFFFF, "sport")
@@ -492,7 +497,10 @@ def build(
     opts = _tcp_options(ms, ws, sack)
     if 20 + len(opts) + len(pl) > _max_tcp_len(fam):
         raise ValueError("payload too long for the IP length field")
-    return _emit(fam, s, d, struct.pack("!HH", sp, dp), sq, ak, fl, win, opts, pl, gso)
+    pkt = _emit(fam, s, d, struct.pack("!HH", sp, dp), sq, ak, fl, win, opts, pl, gso)
+    if split and gso >= 0 and len(pl):
+        return pkt[: len(pkt) - len(pl)], payload
+    return pkt
 
 
 def build_many(
@@ -604,8 +612,13 @@ def read_batch(fd: int, max_packets: int, bufsize: int) -> list[bytes]:
     return out
 
 
+_WRITE_MAX_PARTS = 4
+"""Most buffers in one gathered packet (headers + payload, with room to spare)."""
+
+
 def write_batch(fd: int, packets: Iterable[object]) -> int:
-    """Write each packet with one write(); return how many were written.
+    """Write each packet with one write() -- or one writev() for a tuple of buffers, the
+    parts of one packet (``build(split=True)``); return how many were written.
 
     Buffers are gathered before any write, so a non-buffer item raises TypeError with
     nothing written. EAGAIN and ENOBUFS (a full TUN/socket queue: back-pressure, not
@@ -614,11 +627,15 @@ def write_batch(fd: int, packets: Iterable[object]) -> int:
     non-negative return counts as one packet written.
     """
     f = _int(fd, 0, 2**31 - 1, "fd")
-    views = [_view(p) for p in packets]
+    items = list(packets)
+    for p in items:  # every count first, every buffer next: the C twin's order
+        if type(p) is tuple and not 1 <= len(p) <= _WRITE_MAX_PARTS:
+            raise ValueError(f"a packet has 1..{_WRITE_MAX_PARTS} parts, got {len(p)}")
+    views = [[_view(part) for part in p] if type(p) is tuple else _view(p) for p in items]
     written = 0
     for v in views:
         try:
-            os.write(f, v)
+            os.writev(f, v) if type(v) is list else os.write(f, v)
         except OSError as exc:
             if exc.errno in (_errno.EAGAIN, _errno.ENOBUFS):
                 break

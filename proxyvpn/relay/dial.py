@@ -23,7 +23,7 @@ import os
 import socket
 import ssl
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal, Protocol, cast
 
 from proxyvpn.errors import (
     PrivilegeError,
@@ -159,8 +159,8 @@ class TunnelProtocol(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """Send the CONNECT request as soon as the (TLS) connection exists."""
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # Not an isinstance check: uvloop's transports are not asyncio.Transport subclasses.
+        self.transport = cast(asyncio.Transport, transport)
         self._tls = transport.get_extra_info("sslcontext") is not None
         # Our own marks instead of asyncio's 64 KiB default: a flow relays bulk
         # data and a deeper buffer keeps the pipe full while the app side reacts.
@@ -312,7 +312,7 @@ class TunnelProtocol(asyncio.Protocol):
         else:
             self.transport.resume_reading()
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | memoryview) -> None:
         """Send tunnel bytes towards the destination.
 
         Raises RuntimeError before the tunnel is established (bytes sent then
@@ -392,41 +392,41 @@ def _set_mark(sock: socket.socket, mark: int) -> None:
 
 
 async def _connect_first(
-    endpoint: ProxyEndpoint, mark: int | None, deadline: float, timeout: float
+    endpoint: ProxyEndpoint, mark: int | None, deadline: float, timeout: float,
+    trying: list[str],
 ) -> socket.socket:
-    """TCP-connect to the first endpoint address that accepts, before ``deadline``."""
+    """TCP-connect to the first endpoint address that accepts, before ``deadline``.
+
+    The caller's timeout scope bounds the wait (one scope per tunnel, not one per
+    step: each is a timer on the loop); ``trying`` gets the address being dialled, for
+    the caller's message if that scope expires.
+    """
     loop = asyncio.get_running_loop()
     if not endpoint.addresses:
         raise ProxyUnreachableError((), "no proxy address to try")
     cause = "no address tried"
     for address in endpoint.addresses:
-        remaining = deadline - loop.time()
-        if remaining <= 0:
+        if deadline - loop.time() <= 0:
             cause = f"timed out after {timeout:g}s connecting"
             break
-        ip = ipaddress.ip_address(address)
-        family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+        # Validated IP literals (ProxyEndpoint): only IPv6 ones contain a colon.
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
         try:
             sock = socket.socket(family, socket.SOCK_STREAM)
         except OSError as exc:  # e.g. IPv6 disabled: EAFNOSUPPORT
             cause = f"{address}: {os.strerror(exc.errno) if exc.errno else exc}"
             continue
+        trying[:] = [address]
         try:
             sock.setblocking(False)
             if mark is not None:
                 _set_mark(sock, mark)
             # CONNECT request and small interactive writes must not wait for Nagle.
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            async with asyncio.timeout(remaining):
-                await loop.sock_connect(sock, (address, endpoint.port))
+            await loop.sock_connect(sock, (address, endpoint.port))
         except PrivilegeError:
             sock.close()
             raise
-        except TimeoutError:
-            sock.close()
-            cause = f"timed out after {timeout:g}s connecting to {address} port {endpoint.port}"
-            log.debug("proxy %s", cause)
-            break  # the whole budget went to this address; none is left
         except OSError as exc:
             sock.close()
             # asyncio's own message ("Connect call failed ...") hides the errno
@@ -435,9 +435,10 @@ async def _connect_first(
             cause = f"{address} port {endpoint.port}: {reason}"
             log.debug("proxy %s", cause)
             continue
-        except BaseException:
+        except BaseException:  # cancelled, or the caller's timeout expired
             sock.close()
             raise
+        trying.clear()
         return sock
     raise ProxyUnreachableError(endpoint.addresses, cause)
 
@@ -473,15 +474,16 @@ async def open_tunnel(
     """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
-    sock = await _connect_first(endpoint, mark, deadline, timeout)
-
     tls: ssl.SSLContext | None = None
     if endpoint.scheme == "https":
         tls = ssl_context if ssl_context is not None else ssl.create_default_context()
     phase = "TLS handshake" if tls is not None else "connection setup"
+    trying: list[str] = []
+    sock: socket.socket | None = None
     transport: asyncio.BaseTransport | None = None
     try:
         async with asyncio.timeout_at(deadline):
+            sock = await _connect_first(endpoint, mark, deadline, timeout, trying)
             try:
                 transport, _ = await loop.create_connection(
                     lambda: protocol,
@@ -497,6 +499,11 @@ async def open_tunnel(
             phase = "CONNECT response"
             await protocol.established
     except TimeoutError:
+        if sock is None:
+            cause = (f"timed out after {timeout:g}s connecting to {trying[0]} port "
+                     f"{endpoint.port}" if trying else f"timed out after {timeout:g}s connecting")
+            log.debug("proxy %s", cause)
+            raise ProxyUnreachableError(endpoint.addresses, cause) from None
         _discard(transport, sock)
         raise ProxyUnreachableError(
             endpoint.addresses, f"timed out after {timeout:g}s waiting for {phase}"
@@ -507,7 +514,8 @@ async def open_tunnel(
         raise
     except BaseException:
         # Cancelled by the caller (or a bug): never leave a half-open proxy socket.
-        _discard(transport, sock)
+        if sock is not None:
+            _discard(transport, sock)
         raise
 
 

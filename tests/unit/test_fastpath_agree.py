@@ -413,6 +413,21 @@ def test_build_vnet_agrees_and_completes_to_a_valid_packet(flow: dict, payload: 
         assert res[:9] == tuple(flow.values())
 
 
+
+@FAST
+@given(flow=flows(), payload=st.binary(max_size=3000), gso_size=st.integers(-1, 2000))
+def test_build_split_agrees_and_joins_to_the_whole_packet(flow: dict, payload: bytes,
+                                                         gso_size: int) -> None:
+    kind, got = same("build", **flow, payload=payload, gso_size=gso_size, split=True)
+    assert kind == "ok"
+    whole = C.build(**flow, payload=payload, gso_size=gso_size)
+    if gso_size < 0 or not payload:
+        assert got == whole  # a full checksum reads the payload: no split
+        return
+    headers, body = got
+    assert body is payload  # the caller's object, not a copy
+    assert headers + body == whole
+
 @FAST
 @given(pkt=built_packets(), hdr=st.binary(min_size=10, max_size=10), verify=st.booleans())
 def test_parse_vnet_agrees(pkt: bytes, hdr: bytes, verify: bool) -> None:

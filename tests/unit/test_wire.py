@@ -678,6 +678,20 @@ def test_batch_roundtrip_preserves_boundaries(m: ModuleType, dgram_pair: tuple) 
     assert m.read_batch(b.fileno(), 64, 4096) == []  # EAGAIN -> empty list
 
 
+def test_write_batch_gathers_tuple_parts_into_one_packet(m: ModuleType, dgram_pair: tuple) -> None:
+    a, b = dgram_pair
+    payload = memoryview(b"..payload..")[2:-2]
+    pkts = [(b"hdr", payload), b"plain", (b"a", b"", bytearray(b"c"), b"d")]
+    assert m.write_batch(a.fileno(), pkts) == 3
+    assert m.read_batch(b.fileno(), 64, 4096) == [b"hdrpayload", b"plain", b"acd"]
+    for bad in ((), (b"1", b"2", b"3", b"4", b"5")):
+        with pytest.raises(ValueError, match="parts"):
+            m.write_batch(a.fileno(), [b"never", bad])
+    with pytest.raises(TypeError):
+        m.write_batch(a.fileno(), [(b"never", "not a buffer")])
+    assert m.read_batch(b.fileno(), 64, 4096) == []  # nothing of a rejected batch went out
+
+
 def test_read_batch_respects_max_packets_and_bufsize(m: ModuleType, dgram_pair: tuple) -> None:
     a, b = dgram_pair
     for i in range(5):
