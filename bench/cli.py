@@ -48,12 +48,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "(perturbs the figures: use a separate run)")
     p.add_argument("--no-native", action="store_true",
                    help="with --profile: Python frames only (no C-extension frames)")
+    p.add_argument("--repeat", type=int, default=1, metavar="N",
+                   help="run every mode N times, interleaved (direct, proxyvpn, redsocks, "
+                        "direct, ...), and report each figure's median; the idle-flow RSS "
+                        "figures are measured in the first round only [default: 1]")
     p.add_argument("--vpn-arg", action="append", default=[], metavar="ARG",
                    help="extra argument for `proxyvpn up` (repeatable)")
     p.add_argument("--tun-route", action="store_true",
                    help="experiment: also route the server via the TUN in the main table, so "
                         "apps' sockets get the TUN's MSS at connect time (see bench/README.md)")
     args = p.parse_args(argv)
+    if args.repeat < 1:
+        p.error("--repeat must be at least 1")
     args.modes = [m for m in args.modes.split(",") if m]
     args.only = {o for o in args.only.split(",") if o}
     for m in args.modes:
@@ -151,23 +157,35 @@ def main(argv: list[str] | None = None) -> int:
         lab.start_proxy(args.proxy)
         runner = Runner(lab, pump_bin, settings, emit, proxy_kind=args.proxy)
         runner.start_server()
-        for name in args.modes:
-            mode = (ProxyVpn(lab, tuple(args.vpn_arg), tun_route=args.tun_route)
-                    if name == "proxyvpn" else MODES[name](lab))
-            labels[name] = mode.label
-            if args.profile and name == "proxyvpn":
-                from bench.profiling import make_profiler
-                runner.profile = make_profiler(mode.main_pid, args.profile,
-                                               native=not args.no_native)
-            try:
-                runner.run_mode(mode, args.only)
-            except Exception as exc:  # noqa: BLE001 - one broken mode must not lose the rest
-                failures += 1
-                saved = lab.save_logs(Path(tempfile.mkdtemp(prefix="pvbench-logs-")))
-                log(f"{name}: failed: {exc!r}; logs saved in {saved}")
-                emit({"figure": "error", "mode": name, "error": repr(exc), "logs": str(saved)})
-            runner.ensure_clean()
+        # Rounds interleave the modes, so a slow spell of this shared host hits all of
+        # them rather than one; the medians then go into the table.
+        for rnd in range(args.repeat):
+            runner.round = rnd
+            only = args.only if rnd == 0 else args.only - {"idle"}
+            if not only:
+                break
+            for name in args.modes:
+                mode = (ProxyVpn(lab, tuple(args.vpn_arg), tun_route=args.tun_route)
+                        if name == "proxyvpn" else MODES[name](lab))
+                labels[name] = mode.label
+                if args.profile and name == "proxyvpn":
+                    from bench.profiling import make_profiler
+                    runner.profile = make_profiler(mode.main_pid, args.profile,
+                                                   native=not args.no_native)
+                try:
+                    runner.run_mode(mode, only)
+                except Exception as exc:  # noqa: BLE001 - one broken mode must not lose the rest
+                    failures += 1
+                    saved = lab.save_logs(Path(tempfile.mkdtemp(prefix="pvbench-logs-")))
+                    log(f"{name}: failed: {exc!r}; logs saved in {saved}")
+                    emit({"figure": "error", "mode": name, "error": repr(exc), "logs": str(saved)})
+                runner.ensure_clean()
         results = runner.results
+        if args.repeat > 1:
+            results = report.medians(results)
+            for row in results:
+                if "median_of" in row:
+                    emit({**row, "aggregate": "median"})
     except KeyboardInterrupt as exc:
         log(f"interrupted ({exc or 'SIGINT'}): removing the lab")
         return 130
@@ -191,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     header = [
         f"## proxyvpn benchmark ({'quick' if args.quick else 'full'}, proxy: {args.proxy})",
         "",
+        *([f"- each figure: the median of {args.repeat} rounds, the modes interleaved "
+           "(idle-flow RSS: the first round only)"] if args.repeat > 1 else []),
         f"- date: {when}; took {elapsed:.0f} s",
         f"- command: `{command}`",
         f"- host: {env['cpus']} CPU ({env['cpu']}), Linux {env['kernel']}, "

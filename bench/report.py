@@ -22,6 +22,27 @@ def _ratio(a: float | None, b: float | None) -> str:
     return f"{r:.2f}×" if r < 10 else f"{r:.0f}×"
 
 
+def medians(results: list[dict]) -> list[dict]:
+    """One row per (figure, mode) of repeated runs: the median value (of the runs that
+    produced one; the lower middle of an even count, so it is a measured value), with
+    every value kept in ``values``. Rows without a value pass through unchanged."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    out: list[dict] = []
+    for row in results:
+        if "value" not in row or "mode" not in row:
+            out.append(row)
+            continue
+        groups.setdefault((row["figure"], row["mode"]), []).append(row)
+    for rows in groups.values():
+        measured = sorted((r for r in rows if r["value"] is not None), key=lambda r: r["value"])
+        if not measured:
+            out.append(rows[-1])
+            continue
+        mid = measured[(len(measured) - 1) // 2]
+        out.append({**mid, "values": [r["value"] for r in rows], "median_of": len(measured)})
+    return out
+
+
 def markdown(results: list[dict], *, header: list[str], mode_labels: dict[str, str]) -> str:
     values: dict[tuple[str, str], float | None] = {}
     marks: dict[tuple[str, str], str] = {}

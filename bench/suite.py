@@ -79,6 +79,8 @@ class Runner:
     profile: Callable[[str], contextlib.AbstractContextManager] | None = None
     results: list[dict] = field(default_factory=list)
     server: subprocess.Popen | None = None
+    round: int = 0
+    """Which round of ``--repeat`` is running (recorded in every figure)."""
 
     # ------------------------------------------------------------------ plumbing
 
@@ -119,7 +121,7 @@ class Runner:
 
     def record(self, mode: Mode, figure: str, value: float | None, **details) -> dict:
         row = {"figure": figure, "mode": mode.name, "value": value, "unit": UNITS[figure],
-               **details}
+               "round": self.round, **details}
         self.results.append(row)
         self.emit(row)
         return row
