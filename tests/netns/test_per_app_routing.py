@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import time
 import uuid
 from contextlib import contextmanager, suppress
@@ -40,16 +39,7 @@ def connect_argv(port: int) -> list[str]:
 
 def start_vpn(lab, *extra: str):
     """`proxyvpn up` with cgroup2 mounted in its mount namespace; waits for "up:"."""
-    log = open(lab.workdir / "proxyvpn.log", "a")  # noqa: SIM115 (lives with the process)
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    lab.vpn = lab.client.popen(*in_cgroup_ns(*lab.vpn_argv(*extra)), stdout=log,
-                               stderr=subprocess.STDOUT, env=env)
-
-    def ready() -> bool:
-        if lab.vpn.poll() is not None:
-            raise AssertionError(f"proxyvpn exited {lab.vpn.returncode}:\n{lab.vpn_log()}")
-        return "up:" in lab.vpn_log()
-    wait_for(ready, timeout=20, what="proxyvpn up")
+    lab.start_vpn(argv=in_cgroup_ns(*lab.vpn_argv(*extra)))
 
 
 def servers(lab, *ports: int) -> None:

@@ -122,9 +122,13 @@ class Lab:
                 "--state-dir", str(self.vpn_state), *extra]
 
     def start_vpn(self, *extra: str, proxy_url: str | None = None, env: dict | None = None,
-                  wait: bool = True) -> subprocess.Popen:
-        """Run `proxyvpn up` in the client namespace; waits until its TUN is up."""
-        argv = self.vpn_argv(*extra, proxy_url=proxy_url)
+                  wait: bool = True, argv: list[str] | None = None) -> subprocess.Popen:
+        """Run `proxyvpn up` (or `argv`, a wrapped one) in the client namespace; waits until
+        this instance logged "up:"."""
+        argv = argv or self.vpn_argv(*extra, proxy_url=proxy_url)
+        # The log is appended to: an earlier instance's "up:" must not count as this one's
+        # (a restarted proxyvpn was taken for ready before its capture existed).
+        seen = len(self.vpn_log())
         log = open(self.workdir / "proxyvpn.log", "a")  # noqa: SIM115 (lives with the process)
         full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
         self.vpn = self.client.popen(*argv, stdout=log, stderr=subprocess.STDOUT, env=full_env)
@@ -132,7 +136,7 @@ class Lab:
             def ready() -> bool:
                 if self.vpn.poll() is not None:
                     raise AssertionError(f"proxyvpn exited {self.vpn.returncode}:\n{self.vpn_log()}")
-                return "up:" in self.vpn_log()
+                return "up:" in self.vpn_log()[seen:]
             wait_for(ready, timeout=20, what="proxyvpn up")
         return self.vpn
 
