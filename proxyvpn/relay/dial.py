@@ -391,24 +391,17 @@ def _set_mark(sock: socket.socket, mark: int) -> None:
         raise PrivilegeError("setting SO_MARK needs CAP_NET_ADMIN") from None
 
 
-async def _connect_first(
-    endpoint: ProxyEndpoint, mark: int | None, deadline: float, timeout: float,
-    trying: list[str],
-) -> socket.socket:
-    """TCP-connect to the first endpoint address that accepts, before ``deadline``.
+async def _connect_first(endpoint: ProxyEndpoint, mark: int | None) -> socket.socket:
+    """TCP-connect to the first endpoint address that accepts.
 
     The caller's timeout scope bounds the wait (one scope per tunnel, not one per
-    step: each is a timer on the loop); ``trying`` gets the address being dialled, for
-    the caller's message if that scope expires.
+    step: each is a timer on the loop).
     """
     loop = asyncio.get_running_loop()
     if not endpoint.addresses:
         raise ProxyUnreachableError((), "no proxy address to try")
     cause = "no address tried"
     for address in endpoint.addresses:
-        if deadline - loop.time() <= 0:
-            cause = f"timed out after {timeout:g}s connecting"
-            break
         # Validated IP literals (ProxyEndpoint): only IPv6 ones contain a colon.
         family = socket.AF_INET6 if ":" in address else socket.AF_INET
         try:
@@ -416,7 +409,6 @@ async def _connect_first(
         except OSError as exc:  # e.g. IPv6 disabled: EAFNOSUPPORT
             cause = f"{address}: {os.strerror(exc.errno) if exc.errno else exc}"
             continue
-        trying[:] = [address]
         try:
             sock.setblocking(False)
             if mark is not None:
@@ -438,7 +430,6 @@ async def _connect_first(
         except BaseException:  # cancelled, or the caller's timeout expired
             sock.close()
             raise
-        trying.clear()
         return sock
     raise ProxyUnreachableError(endpoint.addresses, cause)
 
@@ -478,12 +469,11 @@ async def open_tunnel(
     if endpoint.scheme == "https":
         tls = ssl_context if ssl_context is not None else ssl.create_default_context()
     phase = "TLS handshake" if tls is not None else "connection setup"
-    trying: list[str] = []
     sock: socket.socket | None = None
     transport: asyncio.BaseTransport | None = None
     try:
         async with asyncio.timeout_at(deadline):
-            sock = await _connect_first(endpoint, mark, deadline, timeout, trying)
+            sock = await _connect_first(endpoint, mark)
             try:
                 transport, _ = await loop.create_connection(
                     lambda: protocol,
@@ -499,33 +489,27 @@ async def open_tunnel(
             phase = "CONNECT response"
             await protocol.established
     except TimeoutError:
-        if sock is None:
-            cause = (f"timed out after {timeout:g}s connecting to {trying[0]} port "
-                     f"{endpoint.port}" if trying else f"timed out after {timeout:g}s connecting")
-            log.debug("proxy %s", cause)
-            raise ProxyUnreachableError(endpoint.addresses, cause) from None
         _discard(transport, sock)
-        raise ProxyUnreachableError(
-            endpoint.addresses, f"timed out after {timeout:g}s waiting for {phase}"
-        ) from None
+        what = f"connecting to port {endpoint.port}" if sock is None else f"waiting for {phase}"
+        raise ProxyUnreachableError(endpoint.addresses, f"timed out after {timeout:g}s {what}") from None
     except ProxyVpnError:
         if transport is not None:
             transport.close()
         raise
     except BaseException:
         # Cancelled by the caller (or a bug): never leave a half-open proxy socket.
-        if sock is not None:
-            _discard(transport, sock)
+        _discard(transport, sock)
         raise
 
 
-def _discard(transport: asyncio.BaseTransport | None, sock: socket.socket) -> None:
-    """Drop a connection that will not become a tunnel.
+def _discard(transport: asyncio.BaseTransport | None, sock: socket.socket | None) -> None:
+    """Drop a connection that will not become a tunnel (``sock`` None: none was made;
+    _connect_first closes its own sockets).
 
     Once a transport exists it owns the socket (closing the fd under it would
     confuse the selector); before that the socket is ours to close.
     """
     if transport is not None:
         transport.abort()
-    else:
+    elif sock is not None:
         sock.close()
