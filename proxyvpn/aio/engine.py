@@ -24,11 +24,11 @@ from typing import Any
 
 from proxyvpn.aio.flow import Flow
 from proxyvpn.config import Config
-from proxyvpn.errors import ProxyError, ProxyProtocolError, ProxyUnreachableError, ProxyVpnError
+from proxyvpn.errors import ProxyError, ProxyVpnError
 from proxyvpn.netstack import fast
 from proxyvpn.netstack.tcp import TcpConnection, TcpParams, reset_for
 from proxyvpn.netstack.wire import strip_vnet
-from proxyvpn.relay.dial import ProxyEndpoint, TunnelProtocol, open_tunnel
+from proxyvpn.relay.dial import ProxyEndpoint, TunnelProtocol, start_tunnel
 
 log = logging.getLogger("proxyvpn.aio")
 
@@ -152,31 +152,32 @@ class Engine:
         flow = Flow(self, key, family, conn, dst_ip, dport, gso_size)
         self.flows[key] = flow
         self.stats["flows_opened"] += 1
-        flow.task = self._loop.create_task(self._connect(flow))
+        protocol = TunnelProtocol(dst_ip, dport, self.endpoint.credentials)
+        # Callbacks, not a task per connection: at 1,700 connections/s asyncio's
+        # task, futures and transport set-up were a fifth of our CPU (relay/transport.py).
+        flow.dial = start_tunnel(self.endpoint, dst_ip, dport, mark=self.config.bypass_mark,
+                                 timeout=self.config.connect_timeout, protocol=protocol,
+                                 ssl_context=self.endpoint_ssl(),
+                                 on_done=lambda exc: self._dialed(flow, protocol, exc))
 
-    async def _connect(self, flow: Flow) -> None:
-        protocol = TunnelProtocol(flow.dst_host, flow.dst_port, self.endpoint.credentials)
-        try:
-            await open_tunnel(self.endpoint, flow.dst_host, flow.dst_port,
-                              mark=self.config.bypass_mark, timeout=self.config.connect_timeout,
-                              protocol=protocol, ssl_context=self.endpoint_ssl())
-        except ProxyError as exc:
+    def _dialed(self, flow: Flow, protocol: TunnelProtocol, exc: ProxyVpnError | None) -> None:
+        flow.dial = None
+        if isinstance(exc, ProxyError):
             self._report_refusal(flow, exc)
             self._refuse(flow)
             return
-        except (ProxyUnreachableError, ProxyProtocolError, ProxyVpnError, OSError) as exc:
+        if exc is not None:
             flow.log.warning("proxy connection failed: %s", exc)
             self.stats["proxy_failures"] += 1
             self._refuse(flow)
             return
-        except asyncio.CancelledError:
-            return
         if self.flows.get(flow.key) is not flow:  # the flow went away meanwhile
             protocol.close()
             return
+        now = self._loop.time()
         flow.attach(protocol)
-        flow.conn.accept(self._loop.time())
-        flow.handle_events(self._loop.time())
+        flow.conn.accept(now)
+        flow.handle_events(now)
         self.touch(flow)
         self.schedule_transmit()
 
@@ -384,7 +385,7 @@ async def run_engine(config: Config, plan: Any, tun: Any, state_dir: Path) -> st
 
 GC_THRESHOLD0 = 50_000
 """Allocations between young-generation collections (CPython's default is 700). Every new
-flow allocates a few hundred objects (task, transport, protocol, buffers), so at the
+flow allocates a few hundred objects (connection, transport, protocol, buffers), so at the
 default the cyclic collector ran many times per connection: 7.7% of proxyvpn's CPU in
 `gc_collect_main` at 1,300 connections/s (py-spy, bench cps_64)."""
 

@@ -28,7 +28,7 @@ from proxyvpn.netstack.tcp import (
 
 if TYPE_CHECKING:
     from proxyvpn.aio.engine import Engine
-    from proxyvpn.relay.dial import TunnelProtocol
+    from proxyvpn.relay.dial import Dial, TunnelProtocol
 
 log = logging.getLogger("proxyvpn.flow")
 
@@ -36,7 +36,7 @@ log = logging.getLogger("proxyvpn.flow")
 class Flow:
     """Glue between one TcpConnection and one TunnelProtocol (it is the tunnel's sink)."""
 
-    __slots__ = ("engine", "key", "family", "conn", "dst_host", "dst_port", "tunnel", "task",
+    __slots__ = ("engine", "key", "family", "conn", "dst_host", "dst_port", "tunnel", "dial",
                  "pending", "pending_eof", "timer_at", "_log", "_closed", "_reading_paused", "_fin_queued", "last_rx", "_eof_timer", "gso_size")
 
     def __init__(self, engine: Engine, key: tuple[bytes, int, bytes, int], family: int,
@@ -51,7 +51,8 @@ class Flow:
         self.dst_host = dst_host
         self.dst_port = dst_port
         self.tunnel: TunnelProtocol | None = None
-        self.task: asyncio.Task | None = None
+        self.dial: Dial | None = None
+        """The proxy dial while it runs."""
         self.pending = bytearray()
         self.pending_eof = False
         self.timer_at: float | None = None
@@ -130,8 +131,9 @@ class Flow:
         if self._eof_timer is not None:
             self._eof_timer.cancel()
         self.close_tunnel()
-        if self.task is not None and not self.task.done():
-            self.task.cancel()
+        if self.dial is not None:
+            self.dial.cancel()
+            self.dial = None
         self.engine.forget(self)
 
     def close_tunnel(self, abort: bool = False) -> None:

@@ -1,9 +1,11 @@
 """Dialing the upstream proxy and running one CONNECT tunnel (asyncio shell).
 
-:func:`open_tunnel` connects to the proxy -- trying its already-resolved
+:func:`start_tunnel` (callbacks; what the engine uses) and :func:`open_tunnel` (the
+same as a coroutine) connect to the proxy -- trying its already-resolved
 addresses in order on a socket that carries the bypass ``SO_MARK`` so policy
-routing does not capture it again -- optionally wraps it in TLS, sends the
-CONNECT request (RFC 9110 §9.3.6) and waits for a 2xx. The handshake logic
+routing does not capture it again -- optionally wrap it in TLS, send the
+CONNECT request (RFC 9110 §9.3.6) and wait for a 2xx. Plain connections run on
+our own :class:`~proxyvpn.relay.transport.SocketTransport`, TLS ones on asyncio's. The handshake logic
 itself lives in the sans-IO :mod:`proxyvpn.relay.connect`; this module only
 moves bytes.
 
@@ -17,11 +19,13 @@ write buffer is above the high-water mark.
 from __future__ import annotations
 
 import asyncio
+import errno
 import ipaddress
 import logging
 import os
 import socket
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, Protocol, cast
 
@@ -38,8 +42,9 @@ from proxyvpn.relay.connect import (
     build_connect_request,
     format_authority,
 )
+from proxyvpn.relay.transport import SocketTransport
 
-__all__ = ["ProxyEndpoint", "TunnelProtocol", "TunnelSink", "open_tunnel"]
+__all__ = ["Dial", "ProxyEndpoint", "TunnelProtocol", "TunnelSink", "open_tunnel", "start_tunnel"]
 
 log = logging.getLogger("proxyvpn.relay")
 
@@ -116,14 +121,12 @@ class TunnelProtocol(asyncio.Protocol):
     """One CONNECT tunnel: the handshake, then a byte pipe to a :class:`TunnelSink`.
 
     Life cycle: ``connection_made`` sends the CONNECT request; responses are
-    parsed by :class:`ConnectResponseParser`; on a 2xx :attr:`established`
-    resolves to the :class:`ConnectResponse` and the protocol enters relay mode,
-    on anything else it fails with :class:`ProxyError` / :class:`ProxyProtocolError`
-    and the transport is closed. In relay mode, data (starting with the bytes
+    parsed by :class:`ConnectResponseParser`; on a 2xx :attr:`response` holds the
+    :class:`ConnectResponse`, :attr:`on_settled` gets None and the protocol enters
+    relay mode; on anything else it gets :class:`ProxyError` /
+    :class:`ProxyProtocolError` and the transport is closed. In relay mode, data (starting with the bytes
     that followed the header block) goes to the sink given to :meth:`attach`;
     whatever arrives before ``attach`` is buffered and flushed, in order, by it.
-
-    Must be constructed inside a running event loop (it creates a future).
     """
 
     def __init__(self, dst_host: str, dst_port: int, credentials: tuple[str, str] | None) -> None:
@@ -132,10 +135,9 @@ class TunnelProtocol(asyncio.Protocol):
         self._request = build_connect_request(dst_host, dst_port, credentials)
         self.target = format_authority(dst_host, dst_port)
         """The CONNECT target, ``host:port`` (IPv6 in brackets)."""
-        self.established: asyncio.Future[ConnectResponse] = (
-            asyncio.get_running_loop().create_future()
-        )
-        """Resolves to the 2xx response; fails with ProxyError / ProxyProtocolError."""
+        self.on_settled: Callable[[ProxyVpnError | None], None] | None = None
+        """Called once the handshake ends: None for a 2xx, else ProxyError /
+        ProxyProtocolError (set by the :class:`Dial` that drives this protocol)."""
         self.response: ConnectResponse | None = None
         """The proxy's final response, once received (2xx or not)."""
         self.writing_paused = False
@@ -233,7 +235,7 @@ class TunnelProtocol(asyncio.Protocol):
     # ------------------------------------------------------------ handshake
 
     def _handshake_data(self, data: bytes) -> None:
-        """Parse response bytes; settle :attr:`established` when complete."""
+        """Parse response bytes; settle (:attr:`on_settled`) when complete."""
         assert self._parser is not None
         try:
             response = self._parser.feed(data)
@@ -252,22 +254,22 @@ class TunnelProtocol(asyncio.Protocol):
             return
         log.debug("tunnel to %s established (%d %s)", self.target, response.status, response.reason)
         self._relaying = True
-        if not self.established.done():
-            self.established.set_result(response)
         if response.leftover:
             # Bytes that shared a read with the header block are the first
-            # bytes of the tunnelled flow (RFC 9110 §9.3.6): keep them first.
+            # bytes of the tunnelled flow (RFC 9110 §9.3.6): keep them first,
+            # buffered until the owner attaches.
             self._deliver(response.leftover)
+        self._settle(None)
+
+    def _settle(self, exc: ProxyVpnError | None) -> None:
+        settled, self.on_settled = self.on_settled, None
+        if settled is not None:
+            settled(exc)
 
     def _fail(self, exc: ProxyVpnError) -> None:
         """Fail the handshake and drop the connection to the proxy."""
         self._parser = None
-        if not self.established.done():
-            self.established.set_exception(exc)
-        # Nobody may await the future (e.g. open_tunnel already timed out);
-        # mark the exception retrieved so asyncio does not log it as lost.
-        if self.established.done() and not self.established.cancelled():
-            self.established.exception()
+        self._settle(exc)
         if self.transport is not None and not self._closed:
             self.transport.close()
 
@@ -391,47 +393,212 @@ def _set_mark(sock: socket.socket, mark: int) -> None:
         raise PrivilegeError("setting SO_MARK needs CAP_NET_ADMIN") from None
 
 
-async def _connect_first(endpoint: ProxyEndpoint, mark: int | None) -> socket.socket:
-    """TCP-connect to the first endpoint address that accepts.
+class Dial:
+    """One tunnel being opened, driven by loop callbacks (no task, no futures).
 
-    The caller's timeout scope bounds the wait (one scope per tunnel, not one per
-    step: each is a timer on the loop).
+    TCP-connects to each endpoint address in turn on a marked socket, adds TLS for
+    ``https`` (asyncio's SSL transport: the one step that runs as a task), then lets the
+    protocol send CONNECT and read the answer. ``on_done`` is called exactly once: with
+    None when the protocol is in relay mode, else with the error. One timer bounds it all.
     """
-    loop = asyncio.get_running_loop()
-    if not endpoint.addresses:
-        raise ProxyUnreachableError((), "no proxy address to try")
-    cause = "no address tried"
-    for address in endpoint.addresses:
-        # Validated IP literals (ProxyEndpoint): only IPv6 ones contain a colon.
-        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+
+    __slots__ = ("_loop", "_endpoint", "_protocol", "_mark", "_timeout", "_tls", "_on_done",
+                 "_addresses", "_address", "_cause", "_sock", "_connecting", "_transport",
+                 "_task", "_phase", "_timer", "_done")
+
+    def __init__(self, endpoint: ProxyEndpoint, protocol: TunnelProtocol, *, mark: int | None,
+                 timeout: float, tls: ssl.SSLContext | None,
+                 on_done: Callable[[ProxyVpnError | None], None]) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._endpoint = endpoint
+        self._protocol = protocol
+        self._mark = mark
+        self._timeout = timeout
+        self._tls = tls
+        self._on_done = on_done
+        self._addresses = iter(endpoint.addresses)
+        self._address = ""
+        self._cause = "no address tried"
+        self._sock: socket.socket | None = None  # ours until a transport owns it
+        self._connecting = False  # a writer callback waits for connect() to finish
+        self._transport: asyncio.BaseTransport | None = None
+        self._task: asyncio.Task | None = None
+        self._phase = "connect"
+        self._done = False
+        self._timer: asyncio.TimerHandle | None = None
+
+    def start(self) -> None:
+        if not self._endpoint.addresses:
+            self._finish(ProxyUnreachableError((), "no proxy address to try"))
+            return
+        self._timer = self._loop.call_at(self._loop.time() + self._timeout, self._timed_out)
+        self._protocol.on_settled = self._finish
+        self._try_next()
+
+    def cancel(self) -> None:
+        """Give up (the flow went away): close whatever exists; ``on_done`` is not called."""
+        if not self._done:
+            self._done = True
+            self._cleanup(failed=True)
+
+    # ------------------------------------------------------------ steps
+
+    def _try_next(self) -> None:
+        port = self._endpoint.port
+        for address in self._addresses:
+            self._address = address
+            # Validated IP literals (ProxyEndpoint): only IPv6 ones contain a colon.
+            family = socket.AF_INET6 if ":" in address else socket.AF_INET
+            try:
+                sock = socket.socket(family, socket.SOCK_STREAM)
+            except OSError as exc:  # e.g. IPv6 disabled: EAFNOSUPPORT
+                self._cause = f"{address}: {_strerror(exc)}"
+                continue
+            try:
+                sock.setblocking(False)
+                if self._mark is not None:
+                    _set_mark(sock, self._mark)
+                # CONNECT request and small interactive writes must not wait for Nagle.
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                err = sock.connect_ex((address, port))
+            except PrivilegeError as exc:
+                sock.close()
+                self._finish(exc)
+                return
+            except OSError as exc:
+                sock.close()
+                self._failed_address(_strerror(exc))
+                continue
+            if err == errno.EINPROGRESS:
+                self._sock = sock
+                self._connecting = True
+                self._loop.add_writer(sock.fileno(), self._on_connect_done)
+                return
+            if err == 0:
+                self._connected(sock)
+                return
+            sock.close()
+            self._failed_address(os.strerror(err))
+        self._finish(ProxyUnreachableError(self._endpoint.addresses, self._cause))
+
+    def _failed_address(self, reason: str) -> None:
+        # Our own wording: asyncio's ("Connect call failed ...") hid the errno text
+        # users recognise, e.g. "Connection refused".
+        self._cause = f"{self._address} port {self._endpoint.port}: {reason}"
+        log.debug("proxy %s", self._cause)
+
+    def _on_connect_done(self) -> None:
+        sock = self._sock
+        assert sock is not None
+        self._connecting = False
+        self._loop.remove_writer(sock.fileno())
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            self._sock = None
+            sock.close()
+            self._failed_address(os.strerror(err))
+            self._try_next()
+            return
+        self._connected(sock)
+
+    def _connected(self, sock: socket.socket) -> None:
+        self._sock = None  # the transport owns it from here
+        if self._tls is None:
+            self._phase = "CONNECT response"
+            # The protocol sends CONNECT from connection_made and settles us on the answer.
+            self._transport = SocketTransport(self._loop, sock, self._protocol)
+        else:
+            self._phase = "TLS handshake"
+            self._task = self._loop.create_task(self._start_tls(sock, self._tls))
+
+    async def _start_tls(self, sock: socket.socket, tls: ssl.SSLContext) -> None:
+        host = self._endpoint.host
         try:
-            sock = socket.socket(family, socket.SOCK_STREAM)
-        except OSError as exc:  # e.g. IPv6 disabled: EAFNOSUPPORT
-            cause = f"{address}: {os.strerror(exc.errno) if exc.errno else exc}"
-            continue
-        try:
-            sock.setblocking(False)
-            if mark is not None:
-                _set_mark(sock, mark)
-            # CONNECT request and small interactive writes must not wait for Nagle.
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            await loop.sock_connect(sock, (address, endpoint.port))
-        except PrivilegeError:
+            transport, _ = await self._loop.create_connection(
+                lambda: self._protocol, sock=sock, ssl=tls, server_hostname=host)
+        except (OSError, ssl.SSLError) as exc:
+            # create_connection closed the socket already.
+            self._finish(ProxyUnreachableError(self._endpoint.addresses,
+                                               f"TLS handshake with {host} failed: {exc}"))
+            return
+        self._transport = transport
+        if not self._done:
+            self._phase = "CONNECT response"
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        what = (f"connecting to port {self._endpoint.port}" if self._phase == "connect"
+                else f"waiting for {self._phase}")
+        self._finish(ProxyUnreachableError(self._endpoint.addresses,
+                                           f"timed out after {self._timeout:g}s {what}"))
+
+    def _finish(self, exc: ProxyVpnError | None) -> None:
+        if self._done:
+            return
+        self._done = True
+        self._cleanup(failed=exc is not None)
+        self._on_done(exc)
+
+    def _cleanup(self, *, failed: bool) -> None:
+        self._protocol.on_settled = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if not failed:
+            return
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            if self._connecting:
+                self._connecting = False
+                self._loop.remove_writer(sock.fileno())
             sock.close()
-            raise
-        except OSError as exc:
-            sock.close()
-            # asyncio's own message ("Connect call failed ...") hides the errno
-            # text users recognise, e.g. "Connection refused".
-            reason = os.strerror(exc.errno) if exc.errno else str(exc) or type(exc).__name__
-            cause = f"{address} port {endpoint.port}: {reason}"
-            log.debug("proxy %s", cause)
-            continue
-        except BaseException:  # cancelled, or the caller's timeout expired
-            sock.close()
-            raise
-        return sock
-    raise ProxyUnreachableError(endpoint.addresses, cause)
+        if self._task is not None and not self._task.done():
+            self._task.cancel()  # asyncio closes the half-made TLS transport
+        if self._transport is not None:
+            self._transport.abort()
+
+
+def _strerror(exc: OSError) -> str:
+    return os.strerror(exc.errno) if exc.errno else str(exc) or type(exc).__name__
+
+
+def start_tunnel(
+    endpoint: ProxyEndpoint,
+    dst_host: str,
+    dst_port: int,
+    *,
+    mark: int | None,
+    timeout: float,
+    protocol: TunnelProtocol,
+    on_done: Callable[[ProxyVpnError | None], None],
+    ssl_context: ssl.SSLContext | None = None,
+) -> Dial:
+    """Start opening a CONNECT tunnel to ``dst_host:dst_port`` (the target ``protocol``
+    was made for) through ``endpoint``; ``on_done`` gets None or the error, once.
+
+    Tries ``endpoint.addresses`` in order; each socket gets ``SO_MARK = mark``
+    (unless None) and TCP_NODELAY. The first address to accept is used; the
+    rest of the handshake (TLS for ``https``, CONNECT, response) runs on it.
+    ``timeout`` bounds the whole operation. Once done without error ``protocol`` is in
+    relay mode (``protocol.response`` holds the 2xx); ``protocol.attach(sink)`` starts
+    the data. ``on_done`` may run before this returns (e.g. no address at all).
+
+    For ``https`` without ``ssl_context`` a default verifying context is used;
+    the certificate is checked against ``endpoint.host``.
+
+    Errors given to ``on_done``:
+        PrivilegeError: ``mark`` given but the process lacks CAP_NET_ADMIN.
+        ProxyUnreachableError: no address accepted, TLS failed, or timeout.
+        ProxyError: the proxy answered non-2xx (``auth_failed`` for 407).
+        ProxyProtocolError: the proxy's answer was not valid HTTP/1.x, or it
+            closed the connection before answering.
+    """
+    tls: ssl.SSLContext | None = None
+    if endpoint.scheme == "https":
+        tls = ssl_context if ssl_context is not None else ssl.create_default_context()
+    dial = Dial(endpoint, protocol, mark=mark, timeout=timeout, tls=tls, on_done=on_done)
+    dial.start()
+    return dial
 
 
 async def open_tunnel(
@@ -444,72 +611,18 @@ async def open_tunnel(
     protocol: TunnelProtocol,
     ssl_context: ssl.SSLContext | None = None,
 ) -> None:
-    """Open a CONNECT tunnel to ``dst_host:dst_port`` through ``endpoint``.
+    """:func:`start_tunnel` as a coroutine: returns once relaying, raises its error.
+    Cancelling it closes whatever the dial had opened."""
+    done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
-    Tries ``endpoint.addresses`` in order; each socket gets ``SO_MARK = mark``
-    (unless None) and TCP_NODELAY. The first address to accept is used; the
-    rest of the handshake (TLS for ``https``, CONNECT, response) runs on it.
-    ``timeout`` bounds the whole operation. On return ``protocol`` is in relay
-    mode (``protocol.established`` holds the 2xx response); call
-    ``protocol.attach(sink)`` to receive data.
+    def on_done(exc: ProxyVpnError | None) -> None:
+        if not done.done():
+            done.set_result(None) if exc is None else done.set_exception(exc)
 
-    For ``https`` without ``ssl_context`` a default verifying context is used;
-    the certificate is checked against ``endpoint.host``.
-
-    Raises:
-        PrivilegeError: ``mark`` given but the process lacks CAP_NET_ADMIN.
-        ProxyUnreachableError: no address accepted, TLS failed, or timeout.
-        ProxyError: the proxy answered non-2xx (``auth_failed`` for 407).
-        ProxyProtocolError: the proxy's answer was not valid HTTP/1.x, or it
-            closed the connection before answering.
-    """
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    tls: ssl.SSLContext | None = None
-    if endpoint.scheme == "https":
-        tls = ssl_context if ssl_context is not None else ssl.create_default_context()
-    phase = "TLS handshake" if tls is not None else "connection setup"
-    sock: socket.socket | None = None
-    transport: asyncio.BaseTransport | None = None
+    dial = start_tunnel(endpoint, dst_host, dst_port, mark=mark, timeout=timeout,
+                        protocol=protocol, on_done=on_done, ssl_context=ssl_context)
     try:
-        async with asyncio.timeout_at(deadline):
-            sock = await _connect_first(endpoint, mark)
-            try:
-                transport, _ = await loop.create_connection(
-                    lambda: protocol,
-                    sock=sock,
-                    ssl=tls,
-                    server_hostname=endpoint.host if tls is not None else None,
-                )
-            except (OSError, ssl.SSLError) as exc:
-                # create_connection closed the socket already.
-                raise ProxyUnreachableError(
-                    endpoint.addresses, f"{phase} with {endpoint.host} failed: {exc}"
-                ) from exc
-            phase = "CONNECT response"
-            await protocol.established
-    except TimeoutError:
-        _discard(transport, sock)
-        what = f"connecting to port {endpoint.port}" if sock is None else f"waiting for {phase}"
-        raise ProxyUnreachableError(endpoint.addresses, f"timed out after {timeout:g}s {what}") from None
-    except ProxyVpnError:
-        if transport is not None:
-            transport.close()
+        await done
+    except asyncio.CancelledError:
+        dial.cancel()
         raise
-    except BaseException:
-        # Cancelled by the caller (or a bug): never leave a half-open proxy socket.
-        _discard(transport, sock)
-        raise
-
-
-def _discard(transport: asyncio.BaseTransport | None, sock: socket.socket | None) -> None:
-    """Drop a connection that will not become a tunnel (``sock`` None: none was made;
-    _connect_first closes its own sockets).
-
-    Once a transport exists it owns the socket (closing the fd under it would
-    confuse the selector); before that the socket is ours to close.
-    """
-    if transport is not None:
-        transport.abort()
-    elif sock is not None:
-        sock.close()

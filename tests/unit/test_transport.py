@@ -1,0 +1,208 @@
+"""SocketTransport against a real TCP peer on loopback: asyncio's Transport semantics
+(flush on close, half-close, water marks, errors) with our own reader/writer callbacks."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import random
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import pytest
+
+from proxyvpn.relay.transport import SocketTransport
+
+
+class Recorder(asyncio.Protocol):
+    def __init__(self, keep_open_on_eof: bool = True) -> None:
+        self.keep_open_on_eof = keep_open_on_eof
+        self.data = bytearray()
+        self.calls: list[str] = []
+        self.lost: asyncio.Future[Exception | None] = asyncio.get_running_loop().create_future()
+        self.got_data = asyncio.Event()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.calls.append("made")
+
+    def data_received(self, data: bytes) -> None:
+        self.data += data
+        self.got_data.set()
+
+    def eof_received(self) -> bool:
+        self.calls.append("eof")
+        return self.keep_open_on_eof
+
+    def pause_writing(self) -> None:
+        self.calls.append("pause_writing")
+
+    def resume_writing(self) -> None:
+        self.calls.append("resume_writing")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.calls.append("lost")
+        self.lost.set_result(exc)
+
+
+@asynccontextmanager
+async def pair(protocol_factory=Recorder) -> AsyncIterator[tuple[SocketTransport, Recorder, socket.socket]]:
+    """Our transport on one end of a loopback TCP connection, a blocking-free peer socket on the other."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    ours = socket.create_connection(listener.getsockname())
+    peer, _ = listener.accept()
+    listener.close()
+    ours.setblocking(False)
+    peer.setblocking(False)
+    protocol = protocol_factory()
+    transport = SocketTransport(asyncio.get_running_loop(), ours, protocol)
+    try:
+        yield transport, protocol, peer
+    finally:
+        transport.abort()
+        peer.close()
+
+
+async def read_all(loop: asyncio.AbstractEventLoop, peer: socket.socket) -> bytes:
+    out = bytearray()
+    while True:
+        chunk = await loop.sock_recv(peer, 1 << 20)
+        if not chunk:
+            break
+        out += chunk
+    return bytes(out)
+
+
+def run(coro) -> None:
+    asyncio.run(asyncio.wait_for(coro, 20))
+
+
+def test_data_both_ways_and_peer_half_close_keeps_writing_open() -> None:
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        async with pair() as (transport, protocol, peer):
+            assert protocol.calls == ["made"] and transport.is_reading()
+            await loop.sock_sendall(peer, b"hello")
+            peer.shutdown(socket.SHUT_WR)
+            while "eof" not in protocol.calls:
+                await asyncio.sleep(0.01)
+            assert bytes(protocol.data) == b"hello"
+            assert not transport.is_closing() and not transport.is_reading()
+            transport.resume_reading()  # after EOF: must not report it twice
+            await asyncio.sleep(0.05)
+            assert protocol.calls.count("eof") == 1
+            transport.write(b"reply after your FIN")
+            transport.write_eof()
+            assert await read_all(loop, peer) == b"reply after your FIN"
+            with pytest.raises(RuntimeError, match="after write_eof"):
+                transport.write(b"more")
+
+    run(body())
+
+
+def test_eof_closes_when_protocol_returns_false() -> None:
+    async def body() -> None:
+        async with pair(lambda: Recorder(keep_open_on_eof=False)) as (transport, protocol, peer):
+            peer.shutdown(socket.SHUT_WR)
+            assert await protocol.lost is None
+            assert protocol.calls == ["made", "eof", "lost"]
+            assert transport.is_closing()
+            assert transport.get_extra_info("socket").fileno() == -1  # closed
+
+    run(body())
+
+
+def test_back_pressure_marks_and_integrity_over_megabytes() -> None:
+    payload = random.Random(3).randbytes(8 * 1024 * 1024 + 5)
+
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        async with pair() as (transport, protocol, peer):
+            transport.set_write_buffer_limits(high=256 * 1024, low=64 * 1024)
+            assert transport.get_write_buffer_limits() == (64 * 1024, 256 * 1024)
+            view = memoryview(payload)
+            for i in range(0, len(payload), 100_000):
+                transport.write(view[i:i + 100_000])
+            # The peer reads nothing yet: the kernel buffers fill and ours grows past high.
+            assert transport.get_write_buffer_size() > 256 * 1024
+            assert protocol.calls == ["made", "pause_writing"]
+            transport.close()  # must flush everything first
+            assert not protocol.lost.done()
+            received = await read_all(loop, peer)
+            assert hashlib.sha256(received).hexdigest() == hashlib.sha256(payload).hexdigest()
+            assert await protocol.lost is None
+            assert protocol.calls == ["made", "pause_writing", "resume_writing", "lost"]
+
+    run(body())
+
+
+def test_close_reports_lost_later_never_inside_the_call() -> None:
+    async def body() -> None:
+        async with pair() as (transport, protocol, peer):
+            transport.close()
+            assert transport.is_closing() and protocol.calls == ["made"]
+            assert await protocol.lost is None
+            transport.close()  # idempotent
+            transport.abort()
+            await asyncio.sleep(0.01)
+            assert protocol.calls == ["made", "lost"]
+            transport.write(b"dropped")  # a closing transport drops writes silently
+
+    run(body())
+
+
+def test_abort_drops_buffered_data() -> None:
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        async with pair() as (transport, protocol, peer):
+            transport.write(b"x" * (32 * 1024 * 1024))
+            assert transport.get_write_buffer_size() > 0
+            transport.abort()
+            assert transport.get_write_buffer_size() == 0
+            assert await protocol.lost is None
+            received = await read_all(loop, peer)
+            assert len(received) < 32 * 1024 * 1024
+
+    run(body())
+
+
+def test_peer_reset_is_connection_lost_with_the_error() -> None:
+    async def body() -> None:
+        async with pair() as (transport, protocol, peer):
+            peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            peer.close()  # linger 0: RST
+            exc = await protocol.lost
+            assert isinstance(exc, ConnectionResetError)
+            assert transport.is_closing()
+
+    run(body())
+
+
+def test_pause_reading_holds_data_until_resumed() -> None:
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        async with pair() as (transport, protocol, peer):
+            transport.pause_reading()
+            transport.pause_reading()
+            await loop.sock_sendall(peer, b"held")
+            await asyncio.sleep(0.05)
+            assert protocol.data == b""
+            transport.resume_reading()
+            await asyncio.wait_for(protocol.got_data.wait(), 5)
+            assert protocol.data == b"held"
+
+    run(body())
+
+
+def test_extra_info() -> None:
+    async def body() -> None:
+        async with pair() as (transport, protocol, peer):
+            assert transport.get_extra_info("peername") == peer.getsockname()
+            assert transport.get_extra_info("sockname") == peer.getpeername()
+            assert transport.get_extra_info("sslcontext") is None
+            assert transport.get_extra_info("nonsense", 7) == 7
+            assert transport.can_write_eof() and transport.get_protocol() is protocol
+            with pytest.raises(ValueError):
+                transport.set_write_buffer_limits(high=1, low=2)
+
+    run(body())
