@@ -90,6 +90,7 @@ class Engine:
             self.stats["tun_read_errors"] += 1
             return
         now = self._loop.time()
+        self.stats["tun_reads"] += 1
         for packet in packets:
             self._on_packet(packet, now)
         self.transmit()
@@ -111,7 +112,8 @@ class Engine:
             return
         flow.conn.receive(seq, ack, flags, window,
                           memoryview(packet)[start:end] if end > start else b"", now)
-        flow.handle_events(now)
+        # Its events wait for transmit(): one pass per flow and batch, so a batch's
+        # segments of one flow go to the proxy in one sendmsg().
         self.touch(flow)
 
     def _on_unknown(self, parsed: tuple, packet: bytes, key: tuple, now: float) -> None:
@@ -222,13 +224,15 @@ class Engine:
         self.transmit()
 
     def transmit(self) -> None:
-        """Build every pending segment of the dirty flows, write them, re-arm the timer."""
+        """Act on the dirty flows' events, build their pending segments, write them,
+        re-arm the timer."""
         now = self._loop.time()
         build = self.wire.build
         out = self._out
         while self._dirty:
             dirty, self._dirty = self._dirty, {}
             for flow in dirty:
+                flow.handle_events(now)
                 family, (src, sport, dst, dport) = flow.family, flow.key
                 gso_size = flow.gso_size
                 # split: headers apart from the payload, which write_batch gathers
@@ -259,6 +263,7 @@ class Engine:
             for packet in packets:
                 self._pcap.writepkt(b"".join(packet) if type(packet) is tuple else packet, stamp)
         self.stats["packets_out"] += len(packets)
+        self.stats["tun_writes"] += 1
         if self._backlog:
             self._backlog.extend(packets)
             return

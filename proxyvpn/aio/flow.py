@@ -73,20 +73,24 @@ class Flow:
             self._log = FlowLogger(log, {"flow": f"{src} -> {dst}"})
         return self._log
 
-    def __hash__(self) -> int:
-        return id(self)
-
     # ------------------------------------------------------------ stack -> proxy
 
     def handle_events(self, now: float) -> None:
         """Act on everything the state machine reported."""
         conn = self.conn
+        chunks: list | None = None  # the app's data, written with one syscall
         while (event := conn.next_event()) is not None:
             kind = type(event)
             if kind is DataReceived:
-                if self.tunnel is not None:
-                    self.tunnel.write(event.data)
-            elif kind is SendSpaceAvailable:
+                if chunks is None:
+                    chunks = [event.data]
+                else:
+                    chunks.append(event.data)
+                continue
+            if chunks is not None:
+                self._to_tunnel(chunks)
+                chunks = None
+            if kind is SendSpaceAvailable:
                 self._push_pending(now)
             elif kind is PeerClosed:
                 self._app_half_closed(now)
@@ -95,8 +99,15 @@ class Flow:
                 self.close_tunnel(abort=True)
             elif kind is Closed:
                 self._on_closed()
+        if chunks is not None:
+            self._to_tunnel(chunks)
         if self.tunnel is not None:
             conn.set_receive_space(self.engine.params.rcv_buf - self.tunnel.write_buffer_size())
+
+    def _to_tunnel(self, chunks: list) -> None:
+        tunnel = self.tunnel
+        if tunnel is not None:
+            tunnel.write(chunks[0]) if len(chunks) == 1 else tunnel.writelines(chunks)
 
     def _app_half_closed(self, now: float) -> None:
         """The app sent FIN. Many proxies (tinyproxy and squid, measured) tear the whole

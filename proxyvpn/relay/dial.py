@@ -330,6 +330,16 @@ class TunnelProtocol(asyncio.Protocol):
             return
         self.transport.write(data)
 
+    def writelines(self, chunks: list[bytes | memoryview]) -> None:
+        """:meth:`write` for several buffers at once (one syscall on a plain tunnel)."""
+        if not self._relaying:
+            raise RuntimeError(f"tunnel to {self.target} is not established")
+        if self._eof_written:
+            raise RuntimeError("write() after write_eof()")
+        if self.transport is None or self._closed or self.transport.is_closing():
+            return
+        self.transport.writelines(chunks)
+
     def write_eof(self) -> None:
         """Half-close towards the destination after the buffered data.
 

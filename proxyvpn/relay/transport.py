@@ -25,6 +25,9 @@ log = logging.getLogger("proxyvpn.relay")
 READ_SIZE = 256 * 1024
 """Bytes per recv(): asyncio's own choice; a bulk download arrives 100-160 KB a read."""
 
+_IOV_BATCH = 512
+"""Buffers per sendmsg(), below Linux's IOV_MAX (1024)."""
+
 
 class SocketTransport(asyncio.Transport):
     """One connected, non-blocking TCP socket and its protocol."""
@@ -92,21 +95,57 @@ class SocketTransport(asyncio.Transport):
             raise RuntimeError("write() after write_eof()")
         if self._closing or not data:
             return  # like asyncio: a closing transport drops writes silently
-        if not self._buffer:
+        if self._buffer:
+            self._queue((data,), 0)
+            return
+        try:
+            sent = self._sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as exc:
+            self._fatal(exc)
+            return
+        if sent < len(data):
+            self._queue((data,), sent)
+
+    def writelines(self, chunks: list[bytes | memoryview]) -> None:  # type: ignore[override]
+        """Write several buffers with one sendmsg() (asyncio's joins them into a copy)."""
+        if self._eof:
+            raise RuntimeError("write() after write_eof()")
+        if self._closing:
+            return
+        for i in range(0, len(chunks), _IOV_BATCH):
+            batch = chunks[i:i + _IOV_BATCH]
+            if self._buffer:
+                self._queue(batch, 0)
+                continue
             try:
-                sent = self._sock.send(data)
+                sent = self._sock.sendmsg(batch)
             except (BlockingIOError, InterruptedError):
                 sent = 0
             except OSError as exc:
                 self._fatal(exc)
                 return
-            if sent == len(data):
-                return
-            data = memoryview(data)[sent:]
+            if sent < sum(map(len, batch)):
+                self._queue(batch, sent)
+
+    def _queue(self, chunks: tuple | list, skip: int) -> None:
+        """Buffer what the socket did not take: ``chunks`` after their first ``skip`` bytes."""
+        buffer = self._buffer
+        was_empty = not buffer
+        for chunk in chunks:
+            n = len(chunk)
+            if skip >= n:
+                skip -= n
+                continue
+            buffer += memoryview(chunk)[skip:] if skip else chunk
+            skip = 0
+        if not buffer:
+            return
+        if was_empty:
             self._writing = True
             self._loop.add_writer(self._fd, self._on_writable)
-        self._buffer += data
-        if not self._write_paused and len(self._buffer) > self._high:
+        if not self._write_paused and len(buffer) > self._high:
             self._write_paused = True
             self._protocol.pause_writing()
 

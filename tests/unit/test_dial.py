@@ -242,6 +242,8 @@ def test_protocol_rejects_bad_target_and_early_writes() -> None:
         protocol = TunnelProtocol("example.com", 443, None)
         with pytest.raises(RuntimeError, match="not established"):
             protocol.write(b"too early")
+        with pytest.raises(RuntimeError, match="not established"):
+            protocol.writelines([b"too", b"early"])
 
     run(body())
 
@@ -260,8 +262,11 @@ def test_tunnel_carries_data_both_ways_and_half_close(caplog: pytest.LogCaptureF
             assert protocol.on_settled is None  # settled once, then let go
             sink = Sink()
             protocol.attach(sink)
-            for i in range(0, len(payload), 100_000):
-                protocol.write(payload[i : i + 100_000])
+            half = len(payload) // 2
+            for i in range(0, half, 100_000):
+                protocol.write(payload[i : min(i + 100_000, half)])
+            view = memoryview(payload)  # the rest as one gather-write of many buffers
+            protocol.writelines([view[i : i + 30_000] for i in range(half, len(payload), 30_000)])
             await sink.until(lambda: len(sink.data) >= len(payload))
             # Half-close: our FIN reaches the echo server, which still answers.
             protocol.write_eof()

@@ -206,3 +206,24 @@ def test_extra_info() -> None:
                 transport.set_write_buffer_limits(high=1, low=2)
 
     run(body())
+
+
+def test_writelines_partial_sends_keep_order_and_bytes() -> None:
+    rng = random.Random(5)
+    chunks = [rng.randbytes(rng.randrange(1, 70_000)) for _ in range(700)]  # > one sendmsg's 512
+    payload = b"".join(chunks)
+
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        async with pair() as (transport, protocol, peer):
+            transport.writelines([memoryview(c) for c in chunks[:350]])
+            assert transport.get_write_buffer_size() > 0  # the peer reads nothing yet
+            transport.writelines(chunks[350:])  # queued behind the buffer
+            transport.write_eof()  # FIN only after all of it
+            received = await read_all(loop, peer)
+            assert len(received) == len(payload)
+            assert hashlib.sha256(received).digest() == hashlib.sha256(payload).digest()
+            with pytest.raises(RuntimeError, match="after write_eof"):
+                transport.writelines([b"x"])
+
+    run(body())
