@@ -26,7 +26,7 @@ from proxyvpn.aio.flow import Flow
 from proxyvpn.config import Config
 from proxyvpn.errors import ProxyError, ProxyVpnError
 from proxyvpn.netstack import fast
-from proxyvpn.netstack.tcp import TcpConnection, TcpParams, reset_for
+from proxyvpn.netstack.tcp import TcpConnection, TcpParams, TcpState, reset_for
 from proxyvpn.netstack.wire import strip_vnet
 from proxyvpn.relay.dial import ProxyEndpoint, TunnelProtocol, start_tunnel
 
@@ -110,11 +110,20 @@ class Engine:
         if flow is None:
             self._on_unknown(parsed, packet, key, now)
             return
-        flow.conn.receive(seq, ack, flags, window,
-                          memoryview(packet)[start:end] if end > start else b"", now)
+        conn = flow.conn
+        conn.receive(seq, ack, flags, window,
+                     memoryview(packet)[start:end] if end > start else b"", now)
         # Its events wait for transmit(): one pass per flow and batch, so a batch's
         # segments of one flow go to the proxy in one sendmsg().
         self.touch(flow)
+        if flags & fast.SYN and conn.state is TcpState.CLOSED:
+            # A SYN for a connection that is over: a new incarnation of the 4-tuple
+            # (it ended TIME-WAIT, RFC 9293 §3.10.7.4) or one behind the packet that
+            # closed it. Let the old flow go now and take the SYN as a new one, rather
+            # than make the app retransmit it a second later.
+            flow.handle_events(now)
+            if self.flows.get(key) is None:
+                self._on_unknown(parsed, packet, key, now)
 
     def _on_unknown(self, parsed: tuple, packet: bytes, key: tuple, now: float) -> None:
         (family, src, dst, sport, dport, seq, ack, flags, window,
@@ -157,10 +166,12 @@ class Engine:
         protocol = TunnelProtocol(dst_ip, dport, self.endpoint.credentials)
         # Callbacks, not a task per connection: at 1,700 connections/s asyncio's
         # task, futures and transport set-up were a fifth of our CPU (relay/transport.py).
-        flow.dial = start_tunnel(self.endpoint, dst_ip, dport, mark=self.config.bypass_mark,
-                                 timeout=self.config.connect_timeout, protocol=protocol,
-                                 ssl_context=self.endpoint_ssl(),
-                                 on_done=lambda exc: self._dialed(flow, protocol, exc))
+        dial = start_tunnel(self.endpoint, dst_ip, dport, mark=self.config.bypass_mark,
+                            timeout=self.config.connect_timeout, protocol=protocol,
+                            ssl_context=self.endpoint_ssl(),
+                            on_done=lambda exc: self._dialed(flow, protocol, exc))
+        if not dial.done:  # it may have failed at once (e.g. every address refused)
+            flow.dial = dial
 
     def _dialed(self, flow: Flow, protocol: TunnelProtocol, exc: ProxyVpnError | None) -> None:
         flow.dial = None

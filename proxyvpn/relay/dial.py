@@ -167,7 +167,8 @@ class TunnelProtocol(asyncio.Protocol):
         # Our own marks instead of asyncio's 64 KiB default: a flow relays bulk
         # data and a deeper buffer keeps the pipe full while the app side reacts.
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_LOW_WATER)
-        log.debug("CONNECT %s via %s", self.target, transport.get_extra_info("peername"))
+        if log.isEnabledFor(logging.DEBUG):  # getpeername() is a syscall
+            log.debug("CONNECT %s via %s", self.target, transport.get_extra_info("peername"))
         # Never log the request: it may carry Proxy-Authorization. Drop our
         # copy once sent so the credentials do not outlive the handshake here.
         transport.write(self._request)
@@ -445,6 +446,11 @@ class Dial:
         self._protocol.on_settled = self._finish
         self._try_next()
 
+    @property
+    def done(self) -> bool:
+        """True once finished, failed or cancelled."""
+        return self._done
+
     def cancel(self) -> None:
         """Give up (the flow went away): close whatever exists; ``on_done`` is not called."""
         if not self._done:
@@ -512,17 +518,21 @@ class Dial:
         self._connected(sock)
 
     def _connected(self, sock: socket.socket) -> None:
-        self._sock = None  # the transport owns it from here
         if self._tls is None:
+            self._sock = None  # the transport owns it from here
             self._phase = "CONNECT response"
             # The protocol sends CONNECT from connection_made and settles us on the answer.
             self._transport = SocketTransport(self._loop, sock, self._protocol)
         else:
+            # The socket stays ours until the task runs: cancelled before its first
+            # step, the coroutine never starts and would not close it.
+            self._sock = sock
             self._phase = "TLS handshake"
             self._task = self._loop.create_task(self._start_tls(sock, self._tls))
 
     async def _start_tls(self, sock: socket.socket, tls: ssl.SSLContext) -> None:
         host = self._endpoint.host
+        self._sock = None  # create_connection owns it (and closes it on failure)
         try:
             transport, _ = await self._loop.create_connection(
                 lambda: self._protocol, sock=sock, ssl=tls, server_hostname=host)
@@ -537,8 +547,12 @@ class Dial:
 
     def _timed_out(self) -> None:
         self._timer = None
-        what = (f"connecting to port {self._endpoint.port}" if self._phase == "connect"
-                else f"waiting for {self._phase}")
+        if self._phase != "connect":
+            what = f"waiting for {self._phase}"
+        elif self._cause == "no address tried":
+            what = f"connecting to port {self._endpoint.port}"
+        else:  # an earlier address failed differently: say how
+            what = f"connecting to port {self._endpoint.port} (earlier: {self._cause})"
         self._finish(ProxyUnreachableError(self._endpoint.addresses,
                                            f"timed out after {self._timeout:g}s {what}"))
 
@@ -635,4 +649,7 @@ async def open_tunnel(
         await done
     except asyncio.CancelledError:
         dial.cancel()
+        if done.done() and not done.cancelled() and done.exception() is None:
+            # Cancelled after the tunnel came up but before we resumed: nobody owns it.
+            protocol.abort()
         raise

@@ -33,7 +33,8 @@ class SocketTransport(asyncio.Transport):
     """One connected, non-blocking TCP socket and its protocol."""
 
     __slots__ = ("_loop", "_sock", "_fd", "_protocol", "_buffer", "_high", "_low",
-                 "_reading", "_writing", "_closing", "_eof", "_at_eof", "_write_paused", "_lost")
+                 "_reading", "_writing", "_closing", "_eof", "_shut", "_at_eof", "_write_paused",
+                 "_lost")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket,
                  protocol: asyncio.Protocol) -> None:
@@ -50,6 +51,7 @@ class SocketTransport(asyncio.Transport):
         self._writing = False  # a writer callback is registered
         self._closing = False
         self._eof = False  # write_eof() called
+        self._shut = False  # ... and the FIN went out (shutdown(SHUT_WR))
         self._at_eof = False  # the peer's FIN was read
         self._write_paused = False  # protocol.pause_writing() was called
         self._lost = False
@@ -67,12 +69,17 @@ class SocketTransport(asyncio.Transport):
         except OSError as exc:
             self._fatal(exc)
             return
-        if data:
-            self._protocol.data_received(data)
+        try:
+            if data:
+                self._protocol.data_received(data)
+                return
+            self.pause_reading()
+            self._at_eof = True
+            keep_open = self._protocol.eof_received()
+        except Exception as exc:
+            self._protocol_failed(exc, "data_received" if data else "eof_received")
             return
-        self.pause_reading()
-        self._at_eof = True
-        if not self._protocol.eof_received():
+        if not keep_open:
             self.close()
 
     def pause_reading(self) -> None:
@@ -94,7 +101,7 @@ class SocketTransport(asyncio.Transport):
         if self._eof:
             raise RuntimeError("write() after write_eof()")
         if self._closing or not data:
-            return  # like asyncio: a closing transport drops writes silently
+            return  # closing: dropped silently (TunnelProtocol checks is_closing() itself)
         if self._buffer:
             self._queue((data,), 0)
             return
@@ -115,6 +122,8 @@ class SocketTransport(asyncio.Transport):
         if self._closing:
             return
         for i in range(0, len(chunks), _IOV_BATCH):
+            if self._closing:
+                return
             batch = chunks[i:i + _IOV_BATCH]
             if self._buffer:
                 self._queue(batch, 0)
@@ -147,7 +156,10 @@ class SocketTransport(asyncio.Transport):
             self._loop.add_writer(self._fd, self._on_writable)
         if not self._write_paused and len(buffer) > self._high:
             self._write_paused = True
-            self._protocol.pause_writing()
+            try:
+                self._protocol.pause_writing()
+            except Exception as exc:
+                self._protocol_failed(exc, "pause_writing")
 
     def _on_writable(self) -> None:
         buffer = self._buffer
@@ -161,8 +173,12 @@ class SocketTransport(asyncio.Transport):
         del buffer[:sent]
         if self._write_paused and len(buffer) <= self._low:
             self._write_paused = False
-            self._protocol.resume_writing()
-        if buffer:
+            try:
+                self._protocol.resume_writing()  # may write, close or write_eof
+            except Exception as exc:
+                self._protocol_failed(exc, "resume_writing")
+                return
+        if buffer or not self._writing:
             return
         self._writing = False
         self._loop.remove_writer(self._fd)
@@ -179,6 +195,9 @@ class SocketTransport(asyncio.Transport):
             self._shutdown_write()
 
     def _shutdown_write(self) -> None:
+        if self._shut or self._lost:
+            return
+        self._shut = True
         try:
             self._sock.shutdown(socket.SHUT_WR)
         except OSError as exc:
@@ -222,6 +241,13 @@ class SocketTransport(asyncio.Transport):
 
     def _fatal(self, exc: OSError) -> None:
         log.debug("proxy socket error: %s", exc)
+        self._force_close(exc)
+
+    def _protocol_failed(self, exc: Exception, method: str) -> None:
+        """A protocol callback raised (a bug): report it as asyncio does, then close."""
+        self._loop.call_exception_handler({
+            "message": f"Fatal error: protocol.{method}() call failed.",
+            "exception": exc, "transport": self, "protocol": self._protocol})
         self._force_close(exc)
 
     def _force_close(self, exc: Exception | None) -> None:

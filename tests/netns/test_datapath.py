@@ -9,7 +9,7 @@ import time
 
 import pytest
 from impair import impair
-from topology import PROXY_PORT, ROUTER4_C, ROUTER6_C, SERVER4, SERVER6
+from topology import PROXY_PORT, PYTHON, ROUTER4_C, ROUTER6_C, SERVER4, SERVER6
 
 MB = 1 << 20
 
@@ -64,6 +64,44 @@ def test_server_closes_first(lab):
     lab.start_vpn()
     client_json(lab, "--host", SERVER4, "--port", "9001", "--mode", "close-first",
                 "--up", "0", "--down", str(8 * MB))
+
+
+REUSE_PORT_CLIENT = r"""
+import json, socket, struct, sys, time
+host, port = sys.argv[1], int(sys.argv[2])
+seconds = []
+for _ in range(2):
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("0.0.0.0", 47123))
+    s.settimeout(10)
+    started = time.monotonic()
+    s.connect((host, port))
+    seconds.append(time.monotonic() - started)
+    s.sendall(struct.pack("!QQ", 0, 1000))
+    got = b""
+    while chunk := s.recv(65536):
+        got += chunk
+    assert len(got) == 1000, len(got)
+    s.close()
+    time.sleep(0.3)  # our ACK of the app's FIN has long arrived: the app's end is gone
+print(json.dumps(seconds))
+"""
+
+
+def test_same_port_reconnect_while_our_end_is_in_time_wait(lab):
+    """The server closes first, so proxyvpn's end of the flow waits in TIME-WAIT; the app
+    (which closed second and keeps nothing) reconnects from the same port at once. That
+    SYN must open a new flow straight away, not after the app's 1 s SYN retransmission."""
+    lab.start_server("--mode", "close-first", port=9001)
+    lab.start_vpn()
+    result = lab.client.run(PYTHON, "-c", REUSE_PORT_CLIENT, SERVER4, "9001", timeout=60)
+    first, second = json.loads(result.stdout)
+    assert second < 0.5, (first, second, lab.vpn_log()[-2000:])
+    deadline = time.monotonic() + 5  # stats.json is rewritten once a second
+    while time.monotonic() < deadline and lab.stats().get("flows_opened") != 2:
+        time.sleep(0.2)
+    assert lab.stats().get("flows_opened") == 2, lab.stats()
 
 
 def test_client_reset_is_relayed_and_flow_forgotten(lab):

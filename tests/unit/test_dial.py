@@ -35,9 +35,11 @@ from proxyvpn.errors import (
 )
 from proxyvpn.relay.dial import (
     WRITE_HIGH_WATER,
+    Dial,
     ProxyEndpoint,
     TunnelProtocol,
     open_tunnel,
+    start_tunnel,
 )
 from proxyvpn.relay.miniproxy import start_proxy
 
@@ -577,6 +579,85 @@ def test_proxy_closing_or_misbehaving_during_handshake(
                     fake.endpoint, "example.com", 443, mark=None, timeout=5, protocol=protocol
                 )
             assert protocol.transport is not None and protocol.transport.is_closing()
+
+    run(body())
+
+
+def test_timeout_while_connecting_keeps_why_earlier_addresses_failed() -> None:
+    # 127.0.0.1:port refuses at once; 127.0.0.2:port has a full backlog, so its SYNs are
+    # dropped and the connect hangs like a black-holed address.
+    listener = socket.socket()
+    listener.bind(("127.0.0.2", 0))
+    listener.listen(0)
+    filler = socket.create_connection(listener.getsockname(), timeout=1)
+    port = listener.getsockname()[1]
+
+    async def body() -> None:
+        endpoint = ProxyEndpoint("http", "p", port, ("127.0.0.1", "127.0.0.2"))
+        with pytest.raises(ProxyUnreachableError) as info:
+            await dial(endpoint, "example.com", 443, timeout=0.3)
+        cause = info.value.cause
+        assert cause.startswith(f"timed out after 0.3s connecting to port {port}"), cause
+        assert f"127.0.0.1 port {port}: Connection refused" in cause, cause
+
+    try:
+        run(body())
+    finally:
+        filler.close()
+        listener.close()
+
+
+def test_cancel_after_the_tunnel_came_up_but_before_the_caller_resumed() -> None:
+    """open_tunnel settled, then its task is cancelled before it runs again: nobody
+    will own the tunnel, so it must be closed, not left open and reading."""
+
+    class CancelOnSettle(TunnelProtocol):
+        task: asyncio.Task | None = None
+
+        def _settle(self, exc):  # type: ignore[no-untyped-def]
+            super()._settle(exc)
+            assert self.task is not None
+            self.task.cancel()  # same callback: the task has not resumed yet
+
+    async def body() -> None:
+        async with proxy_and_echo() as (endpoint, echo_port):
+            protocol = CancelOnSettle("127.0.0.1", echo_port, None)
+            protocol.task = asyncio.ensure_future(open_tunnel(
+                endpoint, "127.0.0.1", echo_port, mark=None, timeout=5, protocol=protocol))
+            with pytest.raises(asyncio.CancelledError):
+                await protocol.task
+            assert protocol.response is not None and protocol.response.status == 200
+            assert protocol.transport is not None and protocol.transport.is_closing()
+
+    run(body())
+
+
+def test_tls_dial_cancelled_before_its_task_ran_closes_the_socket() -> None:
+    async def body() -> None:
+        listener = socket.create_server(("127.0.0.1", 0))
+        sock = socket.create_connection(listener.getsockname())
+        sock.setblocking(False)
+        endpoint = ProxyEndpoint("https", "p", listener.getsockname()[1], ("127.0.0.1",))
+        done: list = []
+        d = Dial(endpoint, TunnelProtocol("example.com", 443, None), mark=None, timeout=5,
+                 tls=ssl.create_default_context(), on_done=done.append)
+        d._connected(sock)  # the TCP connect finished: the TLS task is created, not run
+        d.cancel()
+        assert sock.fileno() == -1, "the socket leaked"
+        await asyncio.sleep(0.01)
+        assert done == [] and d.done
+        listener.close()
+
+    run(body())
+
+
+def test_start_tunnel_reports_an_immediate_failure_synchronously() -> None:
+    async def body() -> None:
+        done: list = []
+        endpoint = ProxyEndpoint("http", "p", 3128, ())
+        d = start_tunnel(endpoint, "example.com", 443, mark=None, timeout=5,
+                         protocol=TunnelProtocol("example.com", 443, None), on_done=done.append)
+        assert d.done and len(done) == 1 and isinstance(done[0], ProxyUnreachableError)
 
     run(body())
 

@@ -147,6 +147,7 @@ def test_close_reports_lost_later_never_inside_the_call() -> None:
             await asyncio.sleep(0.01)
             assert protocol.calls == ["made", "lost"]
             transport.write(b"dropped")  # a closing transport drops writes silently
+            assert transport.get_write_buffer_size() == 0
 
     run(body())
 
@@ -156,12 +157,13 @@ def test_abort_drops_buffered_data() -> None:
         loop = asyncio.get_running_loop()
         async with pair() as (transport, protocol, peer):
             transport.write(b"x" * (32 * 1024 * 1024))
-            assert transport.get_write_buffer_size() > 0
+            queued = transport.get_write_buffer_size()
+            assert queued > 0
             transport.abort()
             assert transport.get_write_buffer_size() == 0
             assert await protocol.lost is None
-            received = await read_all(loop, peer)
-            assert len(received) < 32 * 1024 * 1024
+            received = await read_all(loop, peer)  # EOF comes: the socket was closed
+            assert len(received) <= 32 * 1024 * 1024 - queued  # what we held never went
 
     run(body())
 
@@ -210,20 +212,81 @@ def test_extra_info() -> None:
 
 def test_writelines_partial_sends_keep_order_and_bytes() -> None:
     rng = random.Random(5)
-    chunks = [rng.randbytes(rng.randrange(1, 70_000)) for _ in range(700)]  # > one sendmsg's 512
-    payload = b"".join(chunks)
+    # One call with more buffers than one sendmsg() takes (512), large enough that the
+    # kernel takes only part: the second batch goes out after a partial first one.
+    first = [rng.randbytes(rng.randrange(1, 20_000)) for _ in range(700)]
+    second = [rng.randbytes(rng.randrange(1, 70_000)) for _ in range(100)]
+    payload = b"".join(first + second)
 
     async def body() -> None:
         loop = asyncio.get_running_loop()
         async with pair() as (transport, protocol, peer):
-            transport.writelines([memoryview(c) for c in chunks[:350]])
+            transport.writelines([memoryview(c) for c in first])
             assert transport.get_write_buffer_size() > 0  # the peer reads nothing yet
-            transport.writelines(chunks[350:])  # queued behind the buffer
+            transport.writelines(second)  # queued behind the buffer
             transport.write_eof()  # FIN only after all of it
             received = await read_all(loop, peer)
             assert len(received) == len(payload)
             assert hashlib.sha256(received).digest() == hashlib.sha256(payload).digest()
             with pytest.raises(RuntimeError, match="after write_eof"):
                 transport.writelines([b"x"])
+
+    run(body())
+
+
+def test_reset_while_data_is_buffered_is_connection_lost_with_the_error() -> None:
+    async def body() -> None:
+        async with pair() as (transport, protocol, peer):
+            transport.write(b"y" * (32 * 1024 * 1024))
+            assert transport.get_write_buffer_size() > 0
+            transport.close()  # would flush: the reset comes first
+            peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            peer.close()
+            exc = await protocol.lost
+            assert isinstance(exc, (ConnectionResetError, BrokenPipeError)), exc
+            assert transport.get_write_buffer_size() == 0
+
+    run(body())
+
+
+def test_write_eof_from_inside_resume_writing_flushes_then_half_closes() -> None:
+    class EofOnResume(Recorder):
+        transport: SocketTransport
+
+        def resume_writing(self) -> None:
+            super().resume_writing()
+            self.transport.write_eof()
+
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        async with pair(EofOnResume) as (transport, protocol, peer):
+            protocol.transport = transport
+            transport.set_write_buffer_limits(high=64 * 1024, low=0)
+            transport.write(b"z" * (16 * 1024 * 1024))
+            received = await read_all(loop, peer)
+            assert len(received) == 16 * 1024 * 1024
+            await asyncio.sleep(0.05)
+            assert not protocol.lost.done()  # half-closed, not closed: we may still read
+            assert "resume_writing" in protocol.calls
+
+    run(body())
+
+
+def test_a_protocol_callback_that_raises_closes_the_transport(caplog: pytest.LogCaptureFixture) -> None:
+    class Broken(Recorder):
+        def data_received(self, data: bytes) -> None:
+            raise ValueError("bug in the protocol")
+
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        errors: list[dict] = []
+        loop.set_exception_handler(lambda _loop, context: errors.append(context))
+        async with pair(Broken) as (transport, protocol, peer):
+            await loop.sock_sendall(peer, b"boom")
+            exc = await protocol.lost
+            assert isinstance(exc, ValueError)
+            assert transport.is_closing()
+            assert errors and "data_received" in errors[0]["message"]
+            assert await read_all(loop, peer) == b""  # the socket was closed: EOF
 
     run(body())
