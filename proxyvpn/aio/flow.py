@@ -37,7 +37,8 @@ class Flow:
     """Glue between one TcpConnection and one TunnelProtocol (it is the tunnel's sink)."""
 
     __slots__ = ("engine", "key", "family", "conn", "dst_host", "dst_port", "tunnel", "dial",
-                 "pending", "pending_eof", "timer_at", "_log", "_closed", "_reading_paused", "_fin_queued", "last_rx", "_eof_timer", "gso_size")
+                 "pending", "pending_eof", "timer_at", "_log", "_closed", "_reading_paused",
+                 "_fin_queued", "_proxy_eof", "last_rx", "_eof_timer", "gso_size")
 
     def __init__(self, engine: Engine, key: tuple[bytes, int, bytes, int], family: int,
                  conn: TcpConnection, dst_host: str, dst_port: int, gso_size: int = -1) -> None:
@@ -59,6 +60,7 @@ class Flow:
         self._closed = False
         self._reading_paused = False
         self._fin_queued = False
+        self._proxy_eof = False  # the destination finished sending (tunnel EOF)
         self.last_rx = 0.0
         self._eof_timer: asyncio.TimerHandle | None = None
         self._log: FlowLogger | None = None
@@ -116,7 +118,9 @@ class Flow:
         half_close_delay seconds: replies still arrive, and servers that wait for EOF
         still get it."""
         delay = self.engine.config.half_close_delay
-        if delay <= 0:
+        if delay <= 0 or self._proxy_eof:
+            # With the reply direction already finished there is nothing to cut off:
+            # pass the FIN on now, which also closes the proxy connection at once.
             self._forward_eof()
             return
         self.last_rx = now
@@ -180,6 +184,7 @@ class Flow:
         self.engine.transmit()
 
     def tunnel_eof(self) -> None:
+        self._proxy_eof = True
         self.pending_eof = not self._fin_queued
         self._push_pending(self.engine._loop.time())
         self._wake()

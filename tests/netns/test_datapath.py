@@ -104,6 +104,25 @@ def test_same_port_reconnect_while_our_end_is_in_time_wait(lab):
     assert lab.stats().get("flows_opened") == 2, lab.stats()
 
 
+@pytest.mark.parametrize("app_closes", ["second", "first"])
+def test_proxy_connection_is_released_once_both_directions_ended(lab, app_closes):
+    """Both directions over means the proxy connection goes at once, not when TIME-WAIT
+    or half_close_delay (2 s each) runs out. "second": the server closed first, so the
+    app's FIN needs no holding back; "first": the app half-closed before the reply, and
+    our end closes (passively) once the reply and our FIN are through."""
+    if app_closes == "second":
+        lab.start_server("--mode", "close-first", port=9001)
+        args = ["--port", "9001", "--mode", "close-first", "--up", "0"]
+    else:
+        lab.start_server()
+        args = ["--up", "1000"]
+    lab.start_vpn()
+    client_json(lab, "--host", SERVER4, "--conns", "20", "--down", "100000", *args)
+    time.sleep(0.5)  # far below half_close_delay (2 s) and TIME-WAIT (2 s)
+    lingering = lab.client.run("ss", "-Htn", "state", "close-wait", f"( dport = :{PROXY_PORT} )").stdout
+    assert lingering.strip() == "", lingering
+
+
 def test_client_reset_is_relayed_and_flow_forgotten(lab):
     lab.start_server()
     lab.start_vpn()
