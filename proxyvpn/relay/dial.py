@@ -323,23 +323,25 @@ class TunnelProtocol(asyncio.Protocol):
         Silently drops data once the connection is closing: ``tunnel_lost``
         reports that.
         """
-        if not self._relaying:
-            raise RuntimeError(f"tunnel to {self.target} is not established")
-        if self._eof_written:
-            raise RuntimeError("write() after write_eof()")
-        if self.transport is None or self._closed or self.transport.is_closing():
-            return
-        self.transport.write(data)
+        transport = self._open_for_writing()
+        if transport is not None:
+            transport.write(data)
 
     def writelines(self, chunks: list[bytes | memoryview]) -> None:
         """:meth:`write` for several buffers at once (one syscall on a plain tunnel)."""
+        transport = self._open_for_writing()
+        if transport is not None:
+            transport.writelines(chunks)
+
+    def _open_for_writing(self) -> asyncio.Transport | None:
+        """The transport to write to; None once closing; RuntimeError if writing is wrong."""
         if not self._relaying:
             raise RuntimeError(f"tunnel to {self.target} is not established")
         if self._eof_written:
             raise RuntimeError("write() after write_eof()")
         if self.transport is None or self._closed or self.transport.is_closing():
-            return
-        self.transport.writelines(chunks)
+            return None
+        return self.transport
 
     def write_eof(self) -> None:
         """Half-close towards the destination after the buffered data.
