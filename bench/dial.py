@@ -5,7 +5,7 @@ CONNECT request, the 200, and a close. Both modes dial, 64 at a time, the same
 answer-200 proxy on loopback (a child process, so its CPU is not counted) and report
 this process's CPU µs per dial. The asyncio-streams mode is the naive implementation
 (open_connection, write, readuntil, close): the ratio says what proxyvpn's dial
-machinery (relay/dial.py, relay/transport.py) costs against it. Loopback only; no
+machinery (relay/dial.py, relay/transport.py; open_tunnel over the engine's start_tunnel) costs against it. Loopback only; no
 namespaces or privileges needed.
 """
 
@@ -20,7 +20,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 from proxyvpn.relay.connect import build_connect_request
-from proxyvpn.relay.dial import ProxyEndpoint, TunnelProtocol, start_tunnel
+from proxyvpn.relay.dial import ProxyEndpoint, TunnelProtocol, open_tunnel
 
 TARGET = ("192.0.2.1", 80)  # never connected to: the fake proxy answers 200 to anything
 
@@ -43,14 +43,8 @@ asyncio.run(main())
 
 
 async def _ours(endpoint: ProxyEndpoint) -> None:
-    done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
     protocol = TunnelProtocol(*TARGET, None)
-
-    def on_done(exc: Exception | None) -> None:
-        done.set_exception(exc) if exc else done.set_result(None)
-
-    start_tunnel(endpoint, *TARGET, mark=None, timeout=5, protocol=protocol, on_done=on_done)
-    await done
+    await open_tunnel(endpoint, *TARGET, mark=None, timeout=5, protocol=protocol)
     protocol.close()
 
 

@@ -190,7 +190,6 @@ class Engine:
         now = self._loop.time()
         flow.attach(protocol)
         flow.conn.accept(now)
-        flow.handle_events(now)
         self.touch(flow)
         self.schedule_transmit()
 
@@ -209,7 +208,6 @@ class Engine:
         if self.flows.get(flow.key) is not flow:
             return
         flow.conn.refuse(self._loop.time())
-        flow.handle_events(self._loop.time())
         self.touch(flow)
         self.schedule_transmit()
 
@@ -222,6 +220,7 @@ class Engine:
     # ------------------------------------------------------------------ output
 
     def touch(self, flow: Flow) -> None:
+        """Mark ``flow`` for the next transmit(), which handles its events and sends."""
         self._dirty[flow] = None
 
     def schedule_transmit(self) -> None:
@@ -325,7 +324,6 @@ class Engine:
                 continue
             flow.timer_at = None
             flow.conn.handle_timer(now)
-            flow.handle_events(now)
             self.touch(flow)
         self.transmit()
 

@@ -198,15 +198,10 @@ class Flow:
         else:
             self.pending_eof = not self._fin_queued
             self._push_pending(now)
-        self.handle_events(now)
         self._wake()
 
     def tunnel_writable(self) -> None:
-        now = self.engine._loop.time()
-        if self.tunnel is not None:
-            self.conn.set_receive_space(self.engine.params.rcv_buf - self.tunnel.write_buffer_size())
-        self.handle_events(now)
-        self._wake()
+        self._wake()  # transmit() runs handle_events, which reopens the receive window
 
     def _push_pending(self, now: float) -> None:
         if self.pending:

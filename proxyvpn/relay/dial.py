@@ -431,7 +431,7 @@ class Dial:
         self._on_done = on_done
         self._addresses = iter(endpoint.addresses)
         self._address = ""
-        self._cause = "no address tried"
+        self._cause: str | None = None  # why the last address failed
         self._sock: socket.socket | None = None  # ours until a transport owns it
         self._connecting = False  # a writer callback waits for connect() to finish
         self._transport: asyncio.BaseTransport | None = None
@@ -497,7 +497,8 @@ class Dial:
                 return
             sock.close()
             self._failed_address(os.strerror(err))
-        self._finish(ProxyUnreachableError(self._endpoint.addresses, self._cause))
+        self._finish(ProxyUnreachableError(self._endpoint.addresses,
+                                           self._cause or "no address tried"))
 
     def _failed_address(self, reason: str) -> None:
         # Our own wording: asyncio's ("Connect call failed ...") hid the errno text
@@ -551,7 +552,7 @@ class Dial:
         self._timer = None
         if self._phase != "connect":
             what = f"waiting for {self._phase}"
-        elif self._cause == "no address tried":
+        elif self._cause is None:
             what = f"connecting to port {self._endpoint.port}"
         else:  # an earlier address failed differently: say how
             what = f"connecting to port {self._endpoint.port} (earlier: {self._cause})"

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from collections.abc import Callable
 from typing import Any
 
 log = logging.getLogger("proxyvpn.relay")
@@ -105,14 +106,8 @@ class SocketTransport(asyncio.Transport):
         if self._buffer:
             self._queue((data,), 0)
             return
-        try:
-            sent = self._sock.send(data)
-        except (BlockingIOError, InterruptedError):
-            sent = 0
-        except OSError as exc:
-            self._fatal(exc)
-            return
-        if sent < len(data):
+        sent = self._send(self._sock.send, data)
+        if sent is not None and sent < len(data):
             self._queue((data,), sent)
 
     def writelines(self, chunks: list[bytes | memoryview]) -> None:  # type: ignore[override]
@@ -128,15 +123,21 @@ class SocketTransport(asyncio.Transport):
             if self._buffer:
                 self._queue(batch, 0)
                 continue
-            try:
-                sent = self._sock.sendmsg(batch)
-            except (BlockingIOError, InterruptedError):
-                sent = 0
-            except OSError as exc:
-                self._fatal(exc)
+            sent = self._send(self._sock.sendmsg, batch)
+            if sent is None:
                 return
             if sent < sum(map(len, batch)):
                 self._queue(batch, sent)
+
+    def _send(self, send: Callable[[Any], int], data: Any) -> int | None:
+        """Bytes ``send(data)`` took (0 if the socket is full); None after a fatal error."""
+        try:
+            return send(data)
+        except (BlockingIOError, InterruptedError):
+            return 0
+        except OSError as exc:
+            self._fatal(exc)
+            return None
 
     def _queue(self, chunks: tuple | list, skip: int) -> None:
         """Buffer what the socket did not take: ``chunks`` after their first ``skip`` bytes."""
@@ -163,12 +164,8 @@ class SocketTransport(asyncio.Transport):
 
     def _on_writable(self) -> None:
         buffer = self._buffer
-        try:
-            sent = self._sock.send(buffer)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:
-            self._fatal(exc)
+        sent = self._send(self._sock.send, buffer)
+        if not sent:
             return
         del buffer[:sent]
         if self._write_paused and len(buffer) <= self._low:

@@ -22,7 +22,7 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -508,27 +508,32 @@ def test_empty_address_list_is_unreachable() -> None:
     run(body())
 
 
-def test_tcp_connect_timeout_is_bounded() -> None:
-    # A listener with a full backlog makes the kernel drop further SYNs: the
-    # connect hangs exactly like a black-holed proxy address.
+@contextlib.contextmanager
+def black_hole(host: str = "127.0.0.1") -> Iterator[int]:
+    """A port on ``host`` whose listener has a full backlog: the kernel drops further
+    SYNs, so a connect hangs exactly like a black-holed proxy address."""
     listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
+    listener.bind((host, 0))
     listener.listen(0)
     filler = socket.create_connection(listener.getsockname(), timeout=1)
-    port = listener.getsockname()[1]
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        filler.close()
+        listener.close()
 
-    async def body() -> None:
+
+def test_tcp_connect_timeout_is_bounded() -> None:
+    async def body(port: int) -> None:
         endpoint = ProxyEndpoint("http", "localhost", port, ("127.0.0.1",))
         started = time.monotonic()
         with pytest.raises(ProxyUnreachableError, match="timed out after 0.3s connecting"):
             await dial(endpoint, "example.com", 443, timeout=0.3)
         assert 0.25 <= time.monotonic() - started < 0.8
 
-    try:
-        run(body())
-    finally:
-        filler.close()
-        listener.close()
+    with black_hole() as port:
+        run(body(port))
+
 
 
 def test_proxy_that_never_answers_times_out() -> None:
@@ -584,15 +589,8 @@ def test_proxy_closing_or_misbehaving_during_handshake(
 
 
 def test_timeout_while_connecting_keeps_why_earlier_addresses_failed() -> None:
-    # 127.0.0.1:port refuses at once; 127.0.0.2:port has a full backlog, so its SYNs are
-    # dropped and the connect hangs like a black-holed address.
-    listener = socket.socket()
-    listener.bind(("127.0.0.2", 0))
-    listener.listen(0)
-    filler = socket.create_connection(listener.getsockname(), timeout=1)
-    port = listener.getsockname()[1]
-
-    async def body() -> None:
+    # 127.0.0.1:port refuses at once (nothing listens there); 127.0.0.2:port hangs.
+    async def body(port: int) -> None:
         endpoint = ProxyEndpoint("http", "p", port, ("127.0.0.1", "127.0.0.2"))
         with pytest.raises(ProxyUnreachableError) as info:
             await dial(endpoint, "example.com", 443, timeout=0.3)
@@ -600,11 +598,8 @@ def test_timeout_while_connecting_keeps_why_earlier_addresses_failed() -> None:
         assert cause.startswith(f"timed out after 0.3s connecting to port {port}"), cause
         assert f"127.0.0.1 port {port}: Connection refused" in cause, cause
 
-    try:
-        run(body())
-    finally:
-        filler.close()
-        listener.close()
+    with black_hole("127.0.0.2") as port:
+        run(body(port))
 
 
 def test_cancel_after_the_tunnel_came_up_but_before_the_caller_resumed() -> None:
