@@ -3,8 +3,10 @@ userspace stack, a real proxy (tinyproxy), a real server; every byte checked wit
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
+import threading
 import time
 
 import pytest
@@ -184,12 +186,36 @@ def _impaired(lab, seed: int):
                   duplicate=0.01, seed=seed)
 
 
+@contextlib.contextmanager
+def _app_sockets_sampled(lab, host: str, every: float = 5.0):
+    """Keep the latest `ss -tino` of the app's sockets to ``host`` while a transfer runs: by
+    the time a stalled transfer gives up its sockets are gone, and their retransmission
+    state (rto, backoff, unacked) is what tells a stall in our stack from one in the app's."""
+    latest: dict = {}
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(every):
+            out = lab.client.run("ss", "-tinoH", "dst", host, check=False, timeout=10).stdout
+            latest.update(ss=out, at=time.monotonic())
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        yield latest
+    finally:
+        done.set()
+        sampler.join(timeout=15)
+        if "at" in latest:
+            latest["age"] = round(time.monotonic() - latest["at"], 1)
+
+
 def _transfer_under_impairment(lab, host: str, size: int, conns: int, seed: int):
     """Every byte checked by sha256 both ways while impaired; then the impairment itself
     is checked (impairer alive to the end, real loss and reordering at every point, real
     duplication on both devices), so this cannot pass by impairing nothing."""
     started = time.monotonic()
-    with _impaired(lab, seed) as imp:
+    with _impaired(lab, seed) as imp, _app_sockets_sampled(lab, host) as sockets:
         result = lab.tool(lab.client, "client", "--host", host, "--up", str(size), "--down",
                           str(size), "--conns", str(conns), check=False, timeout=240)
         stats = lab.stats()
@@ -200,6 +226,8 @@ def _transfer_under_impairment(lab, host: str, size: int, conns: int, seed: int)
     assert result.returncode == 0 and out.get("ok") and out.get("passed") == conns, (
         f"transfer failed under impairment after {elapsed:.1f}s: {out}\n"
         f"client stderr: {result.stderr[-2000:]}\n{final.summary()}\n"
+        f"the app's sockets {sockets.get('age', '?')} s before the end (ss -tino):\n"
+        f"{sockets.get('ss', '')}\n"
         f"proxyvpn stats: {stats}\n--- proxyvpn log:\n{lab.vpn_log()[-3000:]}")
     st = imp.assert_impaired()
     print(f"{elapsed:.1f}s; client {out['seconds']}s\n{st.summary()}\nproxyvpn stats: {stats}")
