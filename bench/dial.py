@@ -5,8 +5,9 @@ CONNECT request, the 200, and a close. Both modes dial, 64 at a time, the same
 answer-200 proxy on loopback (a child process, so its CPU is not counted) and report
 this process's CPU µs per dial. The asyncio-streams mode is the naive implementation
 (open_connection, write, readuntil, close): the ratio says what proxyvpn's dial
-machinery (relay/dial.py, relay/transport.py; open_tunnel over the engine's start_tunnel) costs against it. Loopback only; no
-namespaces or privileges needed.
+machinery costs against it (relay/dial.py and relay/transport.py: open_tunnel, the
+coroutine over the engine's start_tunnel). Loopback only; no namespaces or privileges
+needed.
 """
 
 from __future__ import annotations

@@ -193,10 +193,11 @@ def _app_sockets_sampled(lab, host: str, every: float = 5.0):
     state (rto, backoff, unacked) is what tells a stall in our stack from one in the app's."""
     latest: dict = {}
     done = threading.Event()
+    dst = f"[{host}]" if ":" in host else host  # ss cannot parse a bare IPv6 address
 
     def sample() -> None:
         while not done.wait(every):
-            out = lab.client.run("ss", "-tinoH", "dst", host, check=False, timeout=10).stdout
+            out = lab.client.run("ss", "-tinoH", "dst", dst, check=False, timeout=10).stdout
             latest.update(ss=out, at=time.monotonic())
 
     sampler = threading.Thread(target=sample, daemon=True)

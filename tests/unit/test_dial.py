@@ -535,7 +535,6 @@ def test_tcp_connect_timeout_is_bounded() -> None:
         run(body(port))
 
 
-
 def test_proxy_that_never_answers_times_out() -> None:
     async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.read()  # swallow everything, never answer
