@@ -313,6 +313,8 @@ typedef struct {
     uint32_t seq, ack;
     size_t payload_start, payload_end;
     int wscale, sack;
+    long long tsval; /* -1: no Timestamps option */
+    uint32_t tsecr;
 } parsed_t;
 
 /* Multicast 224/4 (RFC 5771), limited broadcast, unspecified (RFC 1122 §3.2.1.3). */
@@ -422,6 +424,8 @@ static int parse_packet(const uint8_t *b, size_t n, int verify, parsed_t *r)
     r->mss = 0;
     r->wscale = -1;
     r->sack = 0;
+    r->tsval = -1;
+    r->tsecr = 0;
 
     /* Options, RFC 9293 §3.2: kinds 0 and 1 are one octet; all others carry a length
      * octet that counts kind and length. Later duplicates override earlier ones. */
@@ -452,6 +456,11 @@ static int parse_packet(const uint8_t *b, size_t n, int verify, parsed_t *r)
             if (olen != 2)
                 return DROP_BAD_OPTIONS;
             r->sack = 1;
+        } else if (kind == 8) { /* Timestamps, RFC 7323 §3.2 */
+            if (olen != 10)
+                return DROP_BAD_OPTIONS;
+            r->tsval = get32(t + i + 2);
+            r->tsecr = get32(t + i + 6);
         }
         i += olen;
     }
@@ -461,8 +470,9 @@ static int parse_packet(const uint8_t *b, size_t n, int verify, parsed_t *r)
 PyDoc_STRVAR(parse_doc,
 "parse($module, /, packet, verify_checksum=True, vnet=False)\n--\n\n"
 "Validate one raw IPv4/IPv6 TCP packet. Returns (family, src, dst, sport, dport,\n"
-"seq, ack, flags, window, payload_start, payload_end, mss, wscale, sack_permitted)\n"
-"or a positive DROP_* code; never raises for any bytes. With vnet the packet starts\n"
+"seq, ack, flags, window, payload_start, payload_end, mss, wscale, sack_permitted,\n"
+"tsval, tsecr) or a positive DROP_* code (tsval -1 and tsecr 0 without a Timestamps\n"
+"option); never raises for any bytes. With vnet the packet starts\n"
 "with a 10-byte virtio_net_hdr (offsets stay relative to the whole buffer); when it\n"
 "says NEEDS_CSUM or DATA_VALID the kernel vouches for the TCP checksum, so it is not\n"
 "verified (it holds only the pseudo-header sum).");
@@ -503,13 +513,13 @@ static PyObject *fp_parse(PyObject *Py_UNUSED(mod), PyObject *const *args, Py_ss
         res = PyLong_FromLong(code);
     } else {
         /* "N" steals the new references; on failure Py_BuildValue drops them. */
-        res = Py_BuildValue("(iNNIIkkIInniiO)", r.family,
+        res = Py_BuildValue("(iNNIIkkIInniiOLk)", r.family,
                             PyBytes_FromStringAndSize((const char *)r.src, (Py_ssize_t)r.alen),
                             PyBytes_FromStringAndSize((const char *)r.dst, (Py_ssize_t)r.alen),
                             r.sport, r.dport, (unsigned long)r.seq, (unsigned long)r.ack,
                             r.flags, r.window, (Py_ssize_t)(r.payload_start + skip),
                             (Py_ssize_t)(r.payload_end + skip), (int)r.mss, r.wscale,
-                            r.sack ? Py_True : Py_False);
+                            r.sack ? Py_True : Py_False, r.tsval, (unsigned long)r.tsecr);
     }
     PyBuffer_Release(&view);
     return res;
@@ -690,9 +700,11 @@ static PyObject *emit(const flow_t *f, uint32_t seq, unsigned flags, const uint8
 
 PyDoc_STRVAR(build_doc,
 "build($module, /, family, src, dst, sport, dport, seq, ack, flags, window,\n"
-"      payload=b'', mss=0, wscale=-1, sack_permitted=False, gso_size=-1, split=False)\n--\n\n"
+"      payload=b'', mss=0, wscale=-1, sack_permitted=False, tsval=-1, tsecr=0,\n"
+"      gso_size=-1, split=False)\n--\n\n"
 "One complete IP+TCP packet with correct checksums. Options: MSS 02 04 hi lo\n"
-"(mss > 0), then 01 01 04 02 (sack_permitted), then 01 03 03 shift (wscale >= 0).\n"
+"(mss > 0), then 01 01 04 02 (sack_permitted), then 01 01 08 0a tsval tsecr\n"
+"(tsval >= 0), then 01 03 03 shift (wscale >= 0).\n"
 "gso_size >= 0: prefix a virtio_net_hdr for an IFF_VNET_HDR TUN, leave the TCP\n"
 "checksum partial (NEEDS_CSUM), and mark a payload longer than gso_size (> 0) as\n"
 "TCP GSO with that segment size. split (with gso_size >= 0 and a payload): return\n"
@@ -703,16 +715,16 @@ static PyObject *fp_build(PyObject *Py_UNUSED(mod), PyObject *const *args, Py_ss
 {
     static const char *const names[] = {"family", "src", "dst", "sport", "dport",
                                         "seq", "ack", "flags", "window", "payload",
-                                        "mss", "wscale", "sack_permitted", "gso_size",
-                                        "split"};
-    PyObject *a[15], *res = NULL;
+                                        "mss", "wscale", "sack_permitted", "tsval",
+                                        "tsecr", "gso_size", "split"};
+    PyObject *a[17], *res = NULL;
     build_args_t b;
-    long long mss = 0, wscale = -1, gso_size = -1;
+    long long mss = 0, wscale = -1, tsval = -1, tsecr = 0, gso_size = -1;
     int sack = 0, split = 0;
-    uint8_t opts[12];
+    uint8_t opts[24];
     size_t optlen = 0, paylen;
 
-    if (get_args("build", names, 15, 9, args, nargs, kwnames, a) < 0)
+    if (get_args("build", names, 17, 9, args, nargs, kwnames, a) < 0)
         return NULL;
     if (get_build_args(a, &b) < 0)
         goto done;
@@ -723,9 +735,13 @@ static PyObject *fp_build(PyObject *Py_UNUSED(mod), PyObject *const *args, Py_ss
         goto done;
     if (a[12] != NULL && (sack = PyObject_IsTrue(a[12])) < 0)
         goto done;
-    if (a[13] != NULL && get_int(a[13], -1, 0xffff, "gso_size", &gso_size) < 0)
+    if (a[13] != NULL && get_int(a[13], -1, 0xffffffffLL, "tsval", &tsval) < 0)
         goto done;
-    if (a[14] != NULL && (split = PyObject_IsTrue(a[14])) < 0)
+    if (a[14] != NULL && get_int(a[14], 0, 0xffffffffLL, "tsecr", &tsecr) < 0)
+        goto done;
+    if (a[15] != NULL && get_int(a[15], -1, 0xffff, "gso_size", &gso_size) < 0)
+        goto done;
+    if (a[16] != NULL && (split = PyObject_IsTrue(a[16])) < 0)
         goto done;
     if (mss > 0) {
         opts[optlen++] = 2;
@@ -738,6 +754,15 @@ static PyObject *fp_build(PyObject *Py_UNUSED(mod), PyObject *const *args, Py_ss
         opts[optlen++] = 1;
         opts[optlen++] = 4;
         opts[optlen++] = 2;
+    }
+    if (tsval >= 0) { /* RFC 7323 Appendix A layout: NOP NOP kind 8 */
+        opts[optlen++] = 1;
+        opts[optlen++] = 1;
+        opts[optlen++] = 8;
+        opts[optlen++] = 10;
+        put32(opts + optlen, (uint32_t)tsval);
+        put32(opts + optlen + 4, (uint32_t)tsecr);
+        optlen += 8;
     }
     if (wscale >= 0) {
         opts[optlen++] = 1;

@@ -29,8 +29,10 @@ READ_BATCH_MAX_BYTES: Final[int]
 VNET_HDR_LEN: Final[int]
 
 # (family, src, dst, sport, dport, seq, ack, flags, window,
-#  payload_start, payload_end, mss, wscale, sack_permitted)
-ParseResult = tuple[int, bytes, bytes, int, int, int, int, int, int, int, int, int, int, bool]
+#  payload_start, payload_end, mss, wscale, sack_permitted, tsval, tsecr)
+ParseResult = tuple[
+    int, bytes, bytes, int, int, int, int, int, int, int, int, int, int, bool, int, int
+]
 
 def checksum(data: Buffer, initial: int = 0) -> int: ...
 def parse(packet: Buffer, verify_checksum: bool = True, vnet: bool = False) -> ParseResult | int: ...
@@ -48,8 +50,11 @@ def build(
     mss: int = 0,
     wscale: int = -1,
     sack_permitted: bool = False,
+    tsval: int = -1,
+    tsecr: int = 0,
     gso_size: int = -1,
-) -> bytes: ...
+    split: bool = False,
+) -> bytes | tuple[bytes, Buffer]: ...
 def build_many(
     family: int,
     src: Buffer,

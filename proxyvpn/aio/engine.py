@@ -26,7 +26,7 @@ from proxyvpn.aio.flow import Flow
 from proxyvpn.config import Config
 from proxyvpn.errors import ProxyError, ProxyVpnError
 from proxyvpn.netstack import fast
-from proxyvpn.netstack.tcp import TcpConnection, TcpParams, TcpState, reset_for
+from proxyvpn.netstack.tcp import TS_OPTION_LEN, TcpConnection, TcpParams, TcpState, reset_for
 from proxyvpn.netstack.wire import strip_vnet
 from proxyvpn.relay.dial import ProxyEndpoint, TunnelProtocol, start_tunnel
 
@@ -104,7 +104,7 @@ class Engine:
             self.stats["drop_" + self.wire.DROP_REASONS[parsed].lower()] += 1
             return
         (family, src, dst, sport, dport, seq, ack, flags, window,
-         start, end, mss, wscale, sack_ok) = parsed
+         start, end, mss, wscale, sack_ok, tsval, tsecr) = parsed
         key = (src, sport, dst, dport)
         flow = self.flows.get(key)
         if flow is None:
@@ -112,7 +112,7 @@ class Engine:
             return
         conn = flow.conn
         conn.receive(seq, ack, flags, window,
-                     memoryview(packet)[start:end] if end > start else b"", now)
+                     memoryview(packet)[start:end] if end > start else b"", now, tsval, tsecr)
         # Its events wait for transmit(): one pass per flow and batch, so a batch's
         # segments of one flow go to the proxy in one sendmsg().
         self.touch(flow)
@@ -127,7 +127,7 @@ class Engine:
 
     def _on_unknown(self, parsed: tuple, packet: bytes, key: tuple, now: float) -> None:
         (family, src, dst, sport, dport, seq, ack, flags, window,
-         start, end, mss, wscale, sack_ok) = parsed
+         start, end, mss, wscale, sack_ok, tsval, tsecr) = parsed
         syn_only = flags & (fast.SYN | fast.ACK | fast.RST | fast.FIN) == fast.SYN
         if syn_only and len(self.flows) < self.config.max_flows:
             self._open_flow(parsed, key, now)
@@ -147,7 +147,7 @@ class Engine:
 
     def _open_flow(self, parsed: tuple, key: tuple, now: float) -> None:
         (family, src, dst, sport, dport, seq, ack, flags, window,
-         start, end, mss, wscale, sack_ok) = parsed
+         start, end, mss, wscale, sack_ok, tsval, tsecr) = parsed
         gso_size = -1
         if self.vnet:
             # The app's MSS bounds what its kernel wants per packet on the wire, not per
@@ -155,10 +155,12 @@ class Engine:
             # kernel cut them to the app's MSS where it must (GSO; local TCP takes them
             # whole). RFC 9293 §3.7.1 defaults to 536 without the option.
             gso_size = min(mss or 536, self.params.mss)
+            if tsval >= 0:  # the connection will send timestamps: 12 bytes less payload
+                gso_size = max(gso_size - TS_OPTION_LEN, 1)
             mss = self.params.mss
         conn = TcpConnection(self.params, iss=secrets.randbits(32), irs=seq, peer_window=window,
                              peer_mss=mss, peer_wscale=wscale, peer_sack_permitted=bool(sack_ok),
-                             now=now)
+                             now=now, peer_tsval=tsval)
         dst_ip = socket.inet_ntop(socket.AF_INET if family == 4 else socket.AF_INET6, dst)
         flow = Flow(self, key, family, conn, dst_ip, dport, gso_size)
         self.flows[key] = flow

@@ -12,9 +12,14 @@ What is implemented, by RFC:
   from LISTEN (with the app's SYN pending while the proxy is dialled) to TIME-WAIT.
 - RFC 5961: exact-match RST, challenge ACKs for in-window RSTs and for SYNs in
   synchronized states, the ACK acceptability range.
-- RFC 7323 §2 window scaling (only when the app offered it). No timestamps and no
-  SACK: the segment tuple has no room for those options, and the peer is a local
-  kernel where loss is rare.
+- RFC 7323 §2 window scaling and §3-4 timestamps (each only when the app offered
+  it): every non-RST segment carries TSval/TSecr, TS.Recent follows the §4.3 rules,
+  and an ACK's TSecr gives an RTT sample where Karn's algorithm has none (after a
+  retransmission), so a loss episode does not leave either side's RTO backed off. The
+  app's kernel needs our timestamps for the same reason: without them, an RTO on its
+  side is followed by ever-doubling timeouts under sustained loss. No PAWS (§5): the
+  peer is a local kernel, where no old duplicate survives a sequence-number wrap. No
+  SACK: the peer is a local kernel where loss is rare.
 - RFC 6298 retransmission timer (SRTT/RTTVAR, Karn's algorithm, exponential
   back-off), RFC 5681 slow start / congestion avoidance with an initial window of
   10 segments (RFC 6928), fast retransmit on three duplicate ACKs with RFC 6582
@@ -58,6 +63,7 @@ __all__ = [
     "RST",
     "SYN",
     "URG",
+    "TS_OPTION_LEN",
     "Segment",
     "TcpConnection",
     "TcpParams",
@@ -87,6 +93,12 @@ _MAX_CTL = 8
 
 _CLOCK_GRANULARITY = 0.001
 """G in RFC 6298 §2: the engine's timers are event-loop timers, about 1 ms."""
+
+TS_OPTION_LEN = 12
+"""NOP NOP + the 10-byte Timestamps option: what each segment's payload gives up."""
+
+_TS_HZ = 1000
+"""Our timestamp clock ticks per second (RFC 7323 §5.4: 1 ms to 1 s per tick)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,7 +169,7 @@ class Segment(NamedTuple):
     """One segment for the engine to put in a packet.
 
     A plain tuple underneath, unpackable as
-    ``(seq, ack, flags, window, payload, mss, wscale, sack_permitted)``.
+    ``(seq, ack, flags, window, payload, mss, wscale, sack_permitted, tsval, tsecr)``.
     """
 
     seq: int
@@ -176,6 +188,10 @@ class Segment(NamedTuple):
     """Window scale option to include (SYN-ACK only), else -1."""
     sack_permitted: bool = False
     """SACK-permitted option; always False (SACK is not implemented)."""
+    tsval: int = -1
+    """Timestamps option TSval (RFC 7323 §3), or -1 for no option."""
+    tsecr: int = 0
+    """Timestamps option TSecr: the TS.Recent echoed back."""
 
 
 _LISTEN = TcpState.LISTEN
@@ -244,6 +260,10 @@ class TcpConnection:
         "rcv_nxt",
         "_state",
         "_wscale_ok",
+        "_ts_ok",
+        "_ts_offset",
+        "_ts_recent",
+        "_last_ack_sent",
         "_snd_shift",
         "_rcv_shift",
         "_smss",
@@ -302,12 +322,13 @@ class TcpConnection:
         peer_wscale: int = -1,
         peer_sack_permitted: bool = False,
         now: float = 0.0,
+        peer_tsval: int = -1,
     ) -> None:
         """Record the app's SYN; state LISTEN with the SYN pending.
 
         ``peer_window`` is the SYN's raw window field (never scaled, RFC 7323 §2.2),
         ``peer_mss`` 0 if the SYN had no MSS option, ``peer_wscale`` -1 if it had no
-        window scale option.
+        window scale option, ``peer_tsval`` -1 if it had no Timestamps option.
         """
         self.params = params
         self.iss = iss & SEQ_MASK
@@ -331,7 +352,16 @@ class TcpConnection:
         self._wscale_ok = peer_wscale >= 0
         self._snd_shift = min(peer_wscale, _MAX_WSCALE) if self._wscale_ok else 0
         self._rcv_shift = params.wscale if self._wscale_ok else 0
+        # RFC 7323 §3.2: timestamps are on only if the SYN carried them (we always
+        # answer with ours). The MSS counts no options (RFC 6691), so each segment's
+        # payload gives up the option's 12 bytes.
+        self._ts_ok = peer_tsval >= 0
+        self._ts_recent = peer_tsval if self._ts_ok else 0
+        # A per-connection clock offset, like Linux, so TSvals reveal no uptime.
+        self._ts_offset = (iss * 2654435761) & SEQ_MASK
         self._smss = min(params.mss, peer_mss if peer_mss > 0 else _DEFAULT_MSS)
+        if self._ts_ok:  # never below 1: a zero MSS would stall the sender
+            self._smss = max(self._smss - TS_OPTION_LEN, 1)
 
         # Send side, unwrapped positions: 0 = our SYN, data from 1.
         self.snd_una = 0
@@ -367,6 +397,8 @@ class TcpConnection:
 
         # Receive side, unwrapped positions: 0 = the app's SYN, data from 1.
         self.rcv_nxt = 1
+        self._last_ack_sent = 1
+        """RCV.NXT as last sent in an ACK (Last.ACK.sent, RFC 7323 §4.3)."""
         self._rcv_adv = 1
         """Right edge of the window we advertised (RCV.NXT + RCV.WND); never retreats."""
         self._rcv_limit = 1 + params.rcv_buf
@@ -412,8 +444,14 @@ class TcpConnection:
 
     @property
     def send_mss(self) -> int:
-        """Largest payload we put in one segment: min(app's MSS, our MSS)."""
+        """Largest payload we put in one segment: min(app's MSS, our MSS), less the
+        Timestamps option when it is on."""
         return self._smss
+
+    @property
+    def timestamps(self) -> bool:
+        """Whether the RFC 7323 Timestamps option is in use (the app offered it)."""
+        return self._ts_ok
 
     @property
     def send_queued(self) -> int:
@@ -562,11 +600,14 @@ class TcpConnection:
         window: int,
         payload: bytes | bytearray | memoryview,
         now: float,
+        tsval: int = -1,
+        tsecr: int = 0,
     ) -> None:
         """Process one segment from the app (RFC 9293 §3.10.7).
 
         ``window`` is the raw 16-bit field; ``payload`` may be a memoryview into the
-        engine's packet buffer: whatever is kept is copied.
+        engine's packet buffer: whatever is kept is copied. ``tsval``/``tsecr``: its
+        Timestamps option, tsval -1 if it had none.
         """
         state = self._state
         if state is _CLOSED:
@@ -592,10 +633,21 @@ class TcpConnection:
             and plen <= self._rcv_adv - rcv_nxt
             and self._ooo_fin < 0
         ):
-            if self._on_ack(ack, window, rcv_nxt, plen == 0, now) and plen:
+            if tsval >= 0:
+                self._ts_update(rcv_nxt, tsval)
+            if self._on_ack(ack, window, rcv_nxt, plen == 0, now, tsecr) and plen:
                 self._deliver(payload, 0, plen, now)
             return
-        self._receive_slow(state, off, ack, flags, window, payload, plen, now)
+        self._receive_slow(state, off, ack, flags, window, payload, plen, now, tsval, tsecr)
+
+    def _ts_update(self, seg_start: int, tsval: int) -> None:
+        """RFC 7323 §4.3 (2): TS.Recent takes SEG.TSval if it is not older and the
+        segment starts at or before Last.ACK.sent. So a delayed ACK echoes the
+        earliest segment it covers, an out-of-order one changes nothing, and the
+        retransmission that fills a hole is what the next ACK echoes: the app's
+        kernel gets a valid RTT sample for it (RFC 7323 §4.1)."""
+        if seg_start <= self._last_ack_sent and (tsval - self._ts_recent) & SEQ_MASK < SEQ_HALF:
+            self._ts_recent = tsval
 
     def _receive_slow(
         self,
@@ -607,6 +659,8 @@ class TcpConnection:
         payload: bytes | bytearray | memoryview,
         plen: int,
         now: float,
+        tsval: int,
+        tsecr: int,
     ) -> None:
         """Everything but the in-order ESTABLISHED case, step by step (§3.10.7.4)."""
         rcv_nxt = self.rcv_nxt
@@ -659,6 +713,8 @@ class TcpConnection:
         if not flags & ACK:
             return
         seg_start = rcv_nxt + off
+        if tsval >= 0:
+            self._ts_update(seg_start, tsval)
         if state is _SYN_RECEIVED:
             a = (ack - self.iss) & SEQ_MASK
             if a != 1:
@@ -667,7 +723,9 @@ class TcpConnection:
                     self._ctl.append(Segment(ack & SEQ_MASK, 0, RST, 0, b""))
                 return
             self._establish(window, seg_start, now)
-        elif state is _TIME_WAIT or not self._on_ack(ack, window, seg_start, seg_len == 0, now):
+        elif state is _TIME_WAIT or not self._on_ack(
+            ack, window, seg_start, seg_len == 0, now, tsecr
+        ):
             # TIME-WAIT: only a retransmitted FIN may arrive, handled above.
             return
         state = self._state
@@ -700,7 +758,9 @@ class TcpConnection:
         self._state = _FIN_WAIT_1 if self._fin_queued else _ESTABLISHED
         self._events.append(Established())
 
-    def _on_ack(self, ack: int, window: int, seg_start: int, pure: bool, now: float) -> bool:
+    def _on_ack(
+        self, ack: int, window: int, seg_start: int, pure: bool, now: float, tsecr: int
+    ) -> bool:
         """ACK field processing in synchronized states; False if the segment is dropped."""
         snd_una = self.snd_una
         d = (ack - self.iss - snd_una) & SEQ_MASK
@@ -731,7 +791,7 @@ class TcpConnection:
                 self.snd_wl1 = seg_start
                 self.snd_wl2 = a
             if d > 0:
-                self._on_new_ack(a, now)
+                self._on_new_ack(a, now, tsecr)
             elif pure and not wnd_changed and self.snd_wnd and self.snd_nxt > snd_una:
                 # RFC 5681 §2 duplicate ACK: data outstanding, no text/SYN/FIN, same
                 # ACK and same window.
@@ -744,7 +804,7 @@ class TcpConnection:
             self._rtt_seq = -1
         return True
 
-    def _on_new_ack(self, a: int, now: float) -> None:
+    def _on_new_ack(self, a: int, now: float, tsecr: int) -> None:
         """SND.UNA < SEG.ACK =< SND.MAX: free acknowledged data, run RFC 5681/6298/6582."""
         snd_una = self.snd_una
         acked = a - snd_una
@@ -762,6 +822,13 @@ class TcpConnection:
         if 0 <= self._rtt_seq <= a:
             self._rtt_sample(now - self._rtt_time)
             self._rtt_seq = -1
+        elif self._rtt_seq < 0 and tsecr and self._ts_ok:
+            # Nothing timed (Karn discarded it after a retransmission): the echoed
+            # TSval still dates what was acknowledged (RFC 7323 §4.1), and this
+            # sample is what undoes the RTO back-off. 0 means "no echo", like Linux.
+            r = (self._ts_clock(now) - tsecr) & SEQ_MASK
+            if r < _TS_HZ * self.params.rto_max:
+                self._rtt_sample(r / _TS_HZ)
 
         smss = self._smss
         if self._in_recovery:
@@ -1032,20 +1099,28 @@ class TcpConnection:
             return out
         ack_w = (self.irs + self.rcv_nxt) & SEQ_MASK
         win, edge = self._window_field()
+        if self._ts_ok:
+            tsv = self._ts_clock(now)
+            tse = self._ts_recent
+        else:
+            tsv = -1
+            tse = 0
         sent = False
         if state in _SEND_STATES:
-            sent = self._emit_data(out, now, ack_w, win)
+            sent = self._emit_data(out, now, ack_w, win, tsv, tse)
         ndup = self._dupacks_due
         if ndup or (self._ack_due and not sent):
-            seg = Segment(self._ack_seq_wire(), ack_w, ACK, win, b"")
+            seg = Segment(self._ack_seq_wire(), ack_w, ACK, win, b"", 0, -1, False, tsv, tse)
             if ndup > 1:
                 out.extend([seg] * ndup)
             else:
                 out.append(seg)
             sent = True
-        if sent and edge > self._rcv_adv:
-            # Only a window actually sent moves the edge we must honour.
-            self._rcv_adv = edge
+        if sent:
+            self._last_ack_sent = self.rcv_nxt
+            if edge > self._rcv_adv:
+                # Only a window actually sent moves the edge we must honour.
+                self._rcv_adv = edge
         self._ack_due = False
         self._dupacks_due = 0
         self._update_persist(now)
@@ -1070,8 +1145,11 @@ class TcpConnection:
                 self.params.mss,
                 self._rcv_shift if self._wscale_ok else -1,
                 False,
+                self._ts_clock(now) if self._ts_ok else -1,
+                self._ts_recent if self._ts_ok else 0,
             )
         )
+        self._last_ack_sent = self.rcv_nxt
         if self.snd_max >= 1:
             self.retransmits += 1
         else:
@@ -1082,7 +1160,13 @@ class TcpConnection:
         self._ack_due = False
         self._dupacks_due = 0
 
-    def _emit_data(self, out: list[Segment], now: float, ack_w: int, win: int) -> bool:
+    def _ts_clock(self, now: float) -> int:
+        """Our TSval at ``now``: a millisecond clock from a per-connection offset."""
+        return (int(now * _TS_HZ) + self._ts_offset) & SEQ_MASK
+
+    def _emit_data(
+        self, out: list[Segment], now: float, ack_w: int, win: int, tsv: int, tse: int
+    ) -> bool:
         """Append retransmissions, new data, the FIN and probes; True if any."""
         sndbuf = self._sndbuf
         buf_start = self._sndbuf_start
@@ -1104,7 +1188,8 @@ class TcpConnection:
                 flags = ACK | (FIN if fin else 0) | (PSH if n and una + n == data_end else 0)
                 lo = una - buf_start
                 out.append(
-                    Segment((iss + una) & SEQ_MASK, ack_w, flags, win, sndbuf.slice(lo, lo + n))
+                    Segment((iss + una) & SEQ_MASK, ack_w, flags, win, sndbuf.slice(lo, lo + n),
+                            0, -1, False, tsv, tse)
                 )
                 self.retransmits += 1
                 sent = True
@@ -1147,7 +1232,8 @@ class TcpConnection:
                     end = nxt + 1
                     flags = ACK | FIN
                     payload = b""
-                out.append(Segment((iss + nxt) & SEQ_MASK, ack_w, flags, win, payload))
+                out.append(Segment((iss + nxt) & SEQ_MASK, ack_w, flags, win, payload,
+                                   0, -1, False, tsv, tse))
                 sent = True
                 if nxt < snd_max:
                     self.retransmits += 1
@@ -1173,11 +1259,11 @@ class TcpConnection:
                 # SND.NXT does not move: the byte counts as unsent until ACKed.
                 if nxt < data_end:
                     lo = nxt - buf_start
-                    probe = Segment(
-                        (iss + nxt) & SEQ_MASK, ack_w, ACK, win, sndbuf.slice(lo, lo + 1)
-                    )
+                    probe = Segment((iss + nxt) & SEQ_MASK, ack_w, ACK, win,
+                                    sndbuf.slice(lo, lo + 1), 0, -1, False, tsv, tse)
                 else:
-                    probe = Segment((iss + nxt) & SEQ_MASK, ack_w, ACK | FIN, win, b"")
+                    probe = Segment((iss + nxt) & SEQ_MASK, ack_w, ACK | FIN, win, b"",
+                                    0, -1, False, tsv, tse)
                 out.append(probe)
                 sent = True
                 self.probes += 1

@@ -129,8 +129,11 @@ _V6_ZERO = b"\x00" * 16
 _TCP_HDR = struct.Struct("!HHIIBBHHH")
 _IPV4_HDR = struct.Struct("!BBHHHBBH4s4s")
 _IPV6_HDR = struct.Struct("!IHBB16s16s")
+_TS_VALUES = struct.Struct("!II")
 
-ParseResult = tuple[int, bytes, bytes, int, int, int, int, int, int, int, int, int, int, bool]
+ParseResult = tuple[
+    int, bytes, bytes, int, int, int, int, int, int, int, int, int, int, bool, int, int
+]
 
 
 # --------------------------------------------------------------------------- helpers
@@ -223,8 +226,9 @@ def parse(packet: object, verify_checksum: bool = True, vnet: bool = False) -> P
     """Validate one raw IPv4/IPv6 TCP packet.
 
     Returns ``(family, src, dst, sport, dport, seq, ack, flags, window, payload_start,
-    payload_end, mss, wscale, sack_permitted)`` or a positive ``DROP_*`` code. Never
-    raises for any bytes; TypeError/BufferError only for a non-buffer argument.
+    payload_end, mss, wscale, sack_permitted, tsval, tsecr)`` or a positive ``DROP_*``
+    code. Never raises for any bytes; TypeError/BufferError only for a non-buffer
+    argument. ``tsval`` is -1 (and ``tsecr`` 0) without a Timestamps option.
 
     ``vnet``: the packet starts with a virtio_net_hdr (IFF_VNET_HDR TUN); the offsets
     stay relative to the whole buffer. Its NEEDS_CSUM / DATA_VALID flags mean the local
@@ -321,6 +325,8 @@ def _parse_ip(buf: memoryview, verify: bool) -> ParseResult | int:
     mss = 0
     wscale = -1
     sack = False
+    tsval = -1
+    tsecr = 0
     i = off + 20
     oend = off + thl
     while i < oend:
@@ -347,6 +353,10 @@ def _parse_ip(buf: memoryview, verify: bool) -> ParseResult | int:
             if olen != 2:
                 return DROP_BAD_OPTIONS
             sack = True
+        elif kind == 8:  # Timestamps, RFC 7323 §3.2
+            if olen != 10:
+                return DROP_BAD_OPTIONS
+            tsval, tsecr = _TS_VALUES.unpack_from(buf, i + 2)
         i += olen
 
     return (
@@ -364,6 +374,8 @@ def _parse_ip(buf: memoryview, verify: bool) -> ParseResult | int:
         mss,
         wscale,
         sack,
+        tsval,
+        tsecr,
     )
 
 
@@ -385,19 +397,22 @@ def _addresses(family: object, src: object, dst: object) -> tuple[int, bytes, by
     return fam, bytes(s), bytes(d)
 
 
-def _tcp_options(mss: int, wscale: int, sack: bool) -> bytes:
+def _tcp_options(mss: int, wscale: int, sack: bool, tsval: int, tsecr: int) -> bytes:
     """TCP option bytes for build(), in this exact order and layout.
 
-    Each group is 4-byte aligned the way Linux lays out a SYN without timestamps, so
-    the options never need trailing padding: MSS ``02 04 hi lo`` (if mss > 0),
-    SACK-permitted ``01 01 04 02`` (NOP NOP kind 4, if sack_permitted), window scale
-    ``01 03 03 shift`` (NOP kind 3, if wscale >= 0).
+    Each group is 4-byte aligned, so the options never need trailing padding: MSS
+    ``02 04 hi lo`` (if mss > 0), SACK-permitted ``01 01 04 02`` (NOP NOP kind 4, if
+    sack_permitted), Timestamps ``01 01 08 0a tsval tsecr`` (NOP NOP kind 8, if
+    tsval >= 0; RFC 7323 Appendix A's layout), window scale ``01 03 03 shift`` (NOP
+    kind 3, if wscale >= 0).
     """
     opts = b""
     if mss > 0:
         opts += bytes((2, 4, mss >> 8, mss & 0xFF))
     if sack:
         opts += b"\x01\x01\x04\x02"
+    if tsval >= 0:
+        opts += b"\x01\x01\x08\x0a" + _TS_VALUES.pack(tsval, tsecr)
     if wscale >= 0:
         opts += bytes((1, 3, 3, wscale))
     return opts
@@ -464,6 +479,8 @@ def build(
     mss: int = 0,
     wscale: int = -1,
     sack_permitted: bool = False,
+    tsval: int = -1,
+    tsecr: int = 0,
     gso_size: int = -1,
     split: bool = False,
 ) -> bytes | tuple[bytes, object]:
@@ -471,7 +488,8 @@ def build(
 
     IPv4: IHL 5, TOS 0, ID 0, DF, TTL 64. IPv6: class 0, flow label 0, hop limit 64.
     Options as in _tcp_options(); urgent pointer 0. ValueError for out-of-range
-    fields (wscale must be -1..14, RFC 7323 §2.3), TypeError for wrong types.
+    fields (wscale must be -1..14, RFC 7323 §2.3; tsval -1 means no Timestamps
+    option), TypeError for wrong types.
 
     ``gso_size >= 0``: for an IFF_VNET_HDR TUN. The packet gets a virtio_net_hdr
     prefix and a partial TCP checksum (NEEDS_CSUM: the kernel takes CHECKSUM_PARTIAL
@@ -493,8 +511,10 @@ def build(
     ms = _int(mss, 0, 0xFFFF, "mss")
     ws = _int(wscale, -1, 14, "wscale")
     sack = bool(sack_permitted)
+    tsv = _int(tsval, -1, _U32, "tsval")
+    tse = _int(tsecr, 0, _U32, "tsecr")
     gso = _int(gso_size, -1, 0xFFFF, "gso_size")
-    opts = _tcp_options(ms, ws, sack)
+    opts = _tcp_options(ms, ws, sack, tsv, tse)
     if 20 + len(opts) + len(pl) > _max_tcp_len(fam):
         raise ValueError("payload too long for the IP length field")
     pkt = _emit(fam, s, d, struct.pack("!HH", sp, dp), sq, ak, fl, win, opts, pl, gso)

@@ -266,6 +266,40 @@ def test_ipv6_loss_reorder_duplication(lab):
     assert lab.stop_vpn() == 0
 
 
+_TCP_OPTIONS_PROBE = """
+import socket, struct, sys
+s = socket.create_connection((sys.argv[1], 9000), timeout=10)
+info = s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+s.sendall(struct.pack("!QQ", 0, 0))  # the checksum server's header: nothing either way
+while s.recv(4096):
+    pass
+options, snd_mss = info[5], struct.unpack_from("I", info, 16)[0]
+print(options & 1, snd_mss)  # TCPI_OPT_TIMESTAMPS, tcpi_snd_mss
+"""
+
+
+def _app_timestamps(lab, host: str) -> tuple[bool, int]:
+    """(timestamps on, send MSS) of a fresh app connection, from its kernel's TCP_INFO."""
+    out = lab.client.run(PYTHON, "-c", _TCP_OPTIONS_PROBE, host).stdout.split()
+    return out[0] == "1", int(out[1])
+
+
+def test_app_gets_timestamps_exactly_when_its_kernel_offers_them(lab):
+    """RFC 7323: we answer the app's Timestamps option, so its kernel has an RTT sample on
+    every ACK (without one, its RTO backs off for good under loss on the TUN), and we
+    never send the option to a kernel that did not offer it."""
+    lab.start_server()
+    lab.start_vpn()
+    on, mss_with = _app_timestamps(lab, SERVER4)
+    assert on
+    lab.client.run("sysctl", "-qw", "net.ipv4.tcp_timestamps=0")
+    on, mss_without = _app_timestamps(lab, SERVER4)
+    assert not on
+    assert mss_with == mss_without - 12  # the option's bytes come off each segment
+    client_json(lab, "--host", SERVER4, "--up", str(8 * MB), "--down", str(8 * MB))
+    assert lab.stop_vpn() == 0
+
+
 def _tun_counters(lab) -> dict[str, int]:
     names = ("rx_bytes", "rx_packets", "tx_bytes", "tx_packets")
     out = lab.client.run("cat", *(f"/sys/class/net/tun0/statistics/{n}" for n in names))

@@ -115,6 +115,8 @@ def built_packets(draw: st.DrawFn) -> bytes:
         mss=draw(st.sampled_from([0, 536, 1460, 65535])),
         wscale=draw(st.integers(-1, 14)),
         sack_permitted=draw(st.booleans()),
+        tsval=draw(st.just(-1) | u32),
+        tsecr=draw(u32),
     )
     if flow["family"] == 6 and draw(st.booleans()):
         exts = b""
@@ -230,16 +232,21 @@ def test_checksum_errors_agree(initial: Any) -> None:
     mss=u16,
     wscale=st.integers(-1, 14),
     sack=st.booleans(),
+    tsval=st.just(-1) | u32,
+    tsecr=u32,
 )
-def test_build_agrees(flow: dict, payload: bytes, mss: int, wscale: int, sack: bool) -> None:
-    kind, pkt = same("build", **flow, payload=payload, mss=mss, wscale=wscale, sack_permitted=sack)
+def test_build_agrees(
+    flow: dict, payload: bytes, mss: int, wscale: int, sack: bool, tsval: int, tsecr: int
+) -> None:
+    kind, pkt = same("build", **flow, payload=payload, mss=mss, wscale=wscale, sack_permitted=sack,
+                     tsval=tsval, tsecr=tsecr)
     assert kind == "ok"
     # Both parsers read back what was built (addresses permitting), identically.
     res = same("parse", pkt)[1]
     if isinstance(res, tuple):
         assert res[:9] == tuple(flow.values())
         assert pkt[res[9] : res[10]] == payload
-        assert res[11:] == (mss, wscale, sack)
+        assert res[11:] == (mss, wscale, sack, tsval, tsecr if tsval >= 0 else 0)
     else:
         assert res == P.DROP_BAD_ADDRESS
 
@@ -260,6 +267,8 @@ def test_build_agrees(flow: dict, payload: bytes, mss: int, wscale: int, sack: b
             "payload",
             "mss",
             "wscale",
+            "tsval",
+            "tsecr",
         ]
     ),
     value=st.integers(-(2**66), 2**66)
@@ -272,7 +281,7 @@ def test_build_agrees(flow: dict, payload: bytes, mss: int, wscale: int, sack: b
 )
 def test_build_errors_agree(field: str, value: Any, flow: dict) -> None:
     same("build", **{**flow, field: value})
-    if field != "wscale":
+    if field not in ("wscale", "tsval", "tsecr"):
         same("build_many", **{**flow, "payload": b"abc", "mss": 2, field: value})
 
 

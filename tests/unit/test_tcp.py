@@ -77,6 +77,7 @@ class App:
         wscale: int = 7,
         window: int = 65535,
         now: float = 100.0,
+        tsval: int = -1,
     ) -> None:
         self.params = params or TcpParams(mss=1000)
         self.now = now
@@ -89,6 +90,7 @@ class App:
             peer_wscale=wscale,
             peer_sack_permitted=True,
             now=now,
+            peer_tsval=tsval,
         )
         self.nxt = 1
         """The app's SND.NXT (position)."""
@@ -106,8 +108,10 @@ class App:
         at: int | None = None,
         ack: int | None = None,
         win: int | None = None,
+        ts: tuple[int, int] = (-1, 0),
     ) -> None:
-        """Send one segment from the app; without ``at`` it is the next in order."""
+        """Send one segment from the app; without ``at`` it is the next in order.
+        ``ts``: its (TSval, TSecr), TSval -1 for no Timestamps option."""
         p = self.nxt if at is None else at
         self.conn.receive(
             (IRS + p) & SEQ_MASK,
@@ -116,6 +120,7 @@ class App:
             self.win if win is None else win,
             data,
             self.now,
+            *ts,
         )
         if at is None:
             self.nxt += len(data) + (1 if flags & FIN else 0)
@@ -988,6 +993,143 @@ def test_keepalive_probe_is_answered(app: App) -> None:
     app.seg(at=0)  # Linux keepalive: SEG.SEQ = RCV.NXT - 1, no data
     (ack,) = app.out()
     assert ackpos(ack) == 1
+
+
+# --------------------------------------------------------------------- timestamps
+
+
+def ts_app(tsval: int = 1000) -> App:
+    """An established connection whose app offered timestamps (TSval ``tsval`` on its SYN)."""
+    a = App(tsval=tsval)
+    a.conn.accept(a.now)
+    (synack,) = a.out()
+    a.seg(ts=(tsval, synack.tsval))
+    assert a.events() == [Established()]
+    return a
+
+
+def test_timestamps_only_when_the_app_offered_them() -> None:
+    a = App()
+    a.conn.accept(a.now)
+    (synack,) = a.out()
+    assert (synack.tsval, synack.tsecr) == (-1, 0)
+    assert not a.conn.timestamps and a.conn.send_mss == 1000
+    a.seg(ts=(5, 6))  # a TSopt later on does not switch them on (RFC 7323 §3.2)
+    a.conn.send(b"x")
+    assert [(s.tsval, s.tsecr) for s in a.out()] == [(-1, 0)]
+
+    b = App(tsval=0xFFFFFFFE)
+    b.conn.accept(b.now)
+    (synack,) = b.out()
+    assert synack.tsval >= 0 and synack.tsecr == 0xFFFFFFFE
+    # RFC 6691: the MSS counts no options, so each segment gives up 12 bytes for them.
+    assert b.conn.timestamps and b.conn.send_mss == 1000 - 12
+
+
+def test_every_segment_but_a_rst_carries_timestamps() -> None:
+    a = ts_app()
+    a.conn.send(b"x" * 2500)
+    a.seg(b"hello", ts=(1001, 0))
+    a.conn.close(a.now)
+    segs = a.out()
+    assert [len(s.payload) for s in segs] == [988, 988, 524]
+    assert segs[-1].flags & FIN
+    a.fire()  # RTO: the retransmission carries them too
+    segs += a.out()
+    a.seg(b"?", at=50, ts=(1002, 0))  # out of order: a duplicate ACK
+    segs += a.out()
+    assert len(segs) == 5
+    assert all(s.tsval >= 0 and s.tsecr == 1001 for s in segs)
+    a.conn.abort(a.now)
+    (rst,) = a.out()
+    assert rst.flags & RST and (rst.tsval, rst.tsecr) == (-1, 0)
+
+
+def test_tsval_is_a_millisecond_clock_from_a_random_offset() -> None:
+    a = ts_app()
+    a.conn.send(b"x")
+    (s1,) = a.out()
+    a.now += 0.25
+    a.ack_all([s1])
+    a.conn.send(b"y")
+    (s2,) = a.out()
+    assert (s2.tsval - s1.tsval) & SEQ_MASK == 250
+    # The offset comes from the ISS: two connections at the same moment have unrelated
+    # clocks, so a TSval tells nothing about the host's uptime.
+    other = TcpConnection(a.params, iss=ISS + 1, irs=IRS, peer_window=65535, peer_mss=1000,
+                          now=a.now, peer_tsval=1)
+    other.accept(a.now)
+    (synack,) = other.segments_to_send(a.now)
+    assert 1000 < (synack.tsval - s2.tsval) & SEQ_MASK < SEQ_MASK - 1000
+
+
+def test_ts_recent_follows_rfc_7323_section_4_3() -> None:
+    a = ts_app(tsval=10)
+
+    def echoed() -> int:
+        segs = a.out()
+        assert segs
+        return segs[-1].tsecr
+
+    a.seg(b"a" * 100, ts=(20, 0))
+    assert echoed() == 20
+    # Two segments before our ACK: it echoes the earlier one (the delayed-ACK rule).
+    a.seg(b"b" * 100, ts=(30, 0))
+    a.seg(b"c" * 100, ts=(31, 0))
+    assert echoed() == 30
+    # Out of order: not at or before Last.ACK.sent, so TS.Recent stays.
+    hole = a.nxt
+    a.nxt += 100
+    a.seg(b"e" * 100, ts=(40, 0))
+    assert echoed() == 30
+    # The retransmission that fills the hole is what the ACK echoes: a valid RTT sample.
+    a.seg(b"d" * 100, at=hole, ts=(41, 0))
+    assert echoed() == 41
+    assert a.conn.rcv_nxt == a.nxt
+    # Older than TS.Recent: ignored. Newer across the 32-bit wrap: taken.
+    a.seg(b"f", ts=(35, 0))
+    assert echoed() == 41
+    a.seg(b"g", ts=(41 + 2**31 - 1, 0))  # the largest step that still counts as newer
+    assert echoed() == 41 + 2**31 - 1
+    a.seg(b"h", ts=(0xFFFFFFF0, 0))
+    assert echoed() == 0xFFFFFFF0
+    a.seg(b"i", ts=(5, 0))  # 21 ticks later, across the wrap
+    assert echoed() == 5
+    a.seg(b"j", ts=(0xFFFFFFFF, 0))  # 6 ticks earlier
+    assert echoed() == 5
+
+
+def test_echoed_timestamp_undoes_the_rto_backoff() -> None:
+    """Karn's algorithm takes no sample from an ACK of retransmitted data, so after an
+    RTO a lossy path could keep the timer backed off; the TSecr still dates it."""
+    for with_ts in (False, True):
+        a = ts_app()
+        a.conn.send(b"x" * 500)
+        a.out()
+        a.fire()
+        a.fire()
+        (r,) = a.out()  # the second retransmission
+        assert a.conn.rto == pytest.approx(0.8)
+        a.now += 0.003
+        a.rcv = 501
+        a.seg(ts=(1001, r.tsval if with_ts else 0))
+        assert a.conn.send_queued == 0
+        if with_ts:
+            assert a.conn.rto == pytest.approx(0.2)  # a 3 ms sample, floored at rto_min
+        else:
+            assert a.conn.rto == pytest.approx(0.8)  # no sample: still backed off
+
+
+def test_implausible_tsecr_gives_no_sample() -> None:
+    a = ts_app()
+    a.conn.send(b"x" * 500)
+    (s,) = a.out()
+    a.fire()
+    (r,) = a.out()
+    a.rcv = 501
+    a.seg(ts=(1001, (r.tsval + 5) & SEQ_MASK))  # from our future: a bogus echo
+    assert a.conn.send_queued == 0
+    assert a.conn.rto == pytest.approx(0.4)
 
 
 # --------------------------------------------------------------------- long transfer

@@ -59,9 +59,13 @@ class Harness:
         window: int,
         mss: int,
         wscale: int,
+        tsval: int = -1,
     ) -> None:
         self.params = params
         self.now = 1000.0
+        self.ts = tsval >= 0
+        self.app_tsvals = {tsval}
+        """Every TSval the app sent: the only values a TSecr of ours may echo."""
         self.conn = TcpConnection(
             params,
             iss=iss,
@@ -71,6 +75,7 @@ class Harness:
             peer_wscale=wscale,
             peer_sack_permitted=False,
             now=self.now,
+            peer_tsval=tsval,
         )
         self.delivered = bytearray()
         self.closed_events = 0
@@ -79,17 +84,23 @@ class Harness:
         self.smss = self.conn.send_mss
 
     # -- inputs
-    def segment(self, seq: int, ack: int, flags: int, window: int, n: int) -> None:
+    def segment(
+        self, seq: int, ack: int, flags: int, window: int, n: int, tsval: int = -1, tsecr: int = 0
+    ) -> None:
         c = self.conn
         p = seq_unwrap(seq, c.rcv_nxt, c.irs) + (1 if flags & SYN else 0)
-        c.receive(seq, ack, flags, window, memoryview(app_bytes(p, n)), self.now)
+        self.app_tsvals.add(tsval)
+        c.receive(seq, ack, flags, window, memoryview(app_bytes(p, n)), self.now, tsval, tsecr)
         self.drain()
 
-    def near(self, dseq: int, dack: int, flags: int, window: int, n: int) -> None:
+    def near(
+        self, dseq: int, dack: int, flags: int, window: int, n: int, tsval: int = -1,
+        tsecr: int = 0,
+    ) -> None:
         c = self.conn
         seq = (c.irs + c.rcv_nxt + dseq) & SEQ_MASK
         ack = (c.iss + c.snd_una + dack) & SEQ_MASK
-        self.segment(seq, ack, flags, window, n)
+        self.segment(seq, ack, flags, window, n, tsval, tsecr)
 
     def send(self, n: int) -> None:
         start = len(self.ours)
@@ -108,11 +119,16 @@ class Harness:
     def flush(self) -> None:
         c = self.conn
         for s in c.segments_to_send(self.now):
-            seq, ack, flags, window, payload, mss, wscale, sack = s
+            seq, ack, flags, window, payload, mss, wscale, sack, tsval, tsecr = s
             assert 0 <= seq <= SEQ_MASK and 0 <= ack <= SEQ_MASK
             assert 0 <= window <= 0xFFFF
             assert flags & ~(FIN | SYN | RST | 0x08 | ACK) == 0
             assert not sack
+            # RFC 7323 §3.2: once negotiated, on every non-RST segment; never otherwise.
+            if self.ts and not flags & RST:
+                assert 0 <= tsval <= SEQ_MASK and tsecr in self.app_tsvals
+            else:
+                assert (tsval, tsecr) == (-1, 0)
             if flags & SYN:
                 assert flags == SYN | ACK and seq == c.iss and not payload
                 assert mss == self.params.mss
@@ -193,6 +209,7 @@ class TcpFuzz(RuleBasedStateMachine):
         iss=u32,
         irs=u32,
         accept=st.booleans(),
+        tsval=st.just(-1) | u32,
     )
     def setup(
         self,
@@ -206,6 +223,7 @@ class TcpFuzz(RuleBasedStateMachine):
         iss: int,
         irs: int,
         accept: bool,
+        tsval: int,
     ) -> None:
         params = TcpParams(
             mss=mss,
@@ -218,7 +236,7 @@ class TcpFuzz(RuleBasedStateMachine):
             time_wait=1.0,
             persist_max=20.0,
         )
-        self.h = Harness(params, iss, irs, window, peer_mss, wscale)
+        self.h = Harness(params, iss, irs, window, peer_mss, wscale, tsval)
         if accept:
             self.h.conn.accept(self.h.now)
             self.h.flush()
@@ -229,13 +247,22 @@ class TcpFuzz(RuleBasedStateMachine):
         flags=flag_sets,
         window=small_window,
         n=st.integers(0, 3000) | st.sampled_from([0, 0, 1]),
+        tsval=st.just(-1) | u32,
+        tsecr=u32,
     )
-    def segment_near(self, dseq: int, dack: int, flags: int, window: int, n: int) -> None:
-        self.h.near(dseq, dack, flags, window, n)
+    def segment_near(
+        self, dseq: int, dack: int, flags: int, window: int, n: int, tsval: int, tsecr: int
+    ) -> None:
+        self.h.near(dseq, dack, flags, window, n, tsval, tsecr)
 
-    @rule(seq=u32, ack=u32, flags=flag_sets, window=small_window, n=st.integers(0, 2000))
-    def segment_anywhere(self, seq: int, ack: int, flags: int, window: int, n: int) -> None:
-        self.h.segment(seq, ack, flags, window, n)
+    @rule(
+        seq=u32, ack=u32, flags=flag_sets, window=small_window, n=st.integers(0, 2000),
+        tsval=st.just(-1) | u32, tsecr=u32,
+    )
+    def segment_anywhere(
+        self, seq: int, ack: int, flags: int, window: int, n: int, tsval: int, tsecr: int
+    ) -> None:
+        self.h.segment(seq, ack, flags, window, n, tsval, tsecr)
 
     @rule(window=small_window, dack=st.integers(0, 20000))
     def ack_our_data(self, window: int, dack: int) -> None:
@@ -316,6 +343,7 @@ def _random_session(rng: random.Random) -> int:
         rng.randrange(0x10000),
         rng.choice([0, 100, 1460]),
         rng.choice([-1, 0, 7]),
+        rng.choice([-1, rng.getrandbits(32)]),
     )
     h.conn.accept(h.now)
     h.flush()
@@ -330,7 +358,8 @@ def _random_session(rng: random.Random) -> int:
             flags = rng.choice([ACK] * 30 + [ACK | FIN] * 3 + [RST, SYN, ACK | RST, 0])
             dseq = rng.choice([0, 0, rng.randrange(-2000, 8000)])
             dack = rng.choice([0, c.snd_max - c.snd_una, rng.randrange(-100, 3000)])
-            h.near(dseq, dack, flags, rng.randrange(0x10000), rng.choice([0, rng.randrange(3000)]))
+            h.near(dseq, dack, flags, rng.randrange(0x10000), rng.choice([0, rng.randrange(3000)]),
+                   rng.choice([-1, rng.getrandbits(32)]), rng.getrandbits(32))
         elif op < 0.5:
             h.segment(
                 rng.getrandbits(32),

@@ -310,8 +310,12 @@ def test_parse_valid(m: ModuleType, pkt: bytes, want: tuple) -> None:
     *fields, payload = want
     res = m.parse(pkt)
     assert isinstance(res, tuple), wire.DROP_REASONS[res]
-    family, src, dst, sport, dport, seq, ack, flags, window, start, end, mss, wscale, sack = res
+    (family, src, dst, sport, dport, seq, ack, flags, window, start, end, mss, wscale, sack,
+     tsval, tsecr) = res
+    # The entries with an MSS are the SYN_OPTS ones, whose Timestamps are TSval 1, TSecr 0.
+    ts = (1, 0) if fields[9] else (-1, 0)
     assert [family, src, dst, sport, dport, seq, ack, flags, window, mss, wscale, sack] == fields
+    assert (tsval, tsecr) == ts
     assert type(sack) is bool and type(src) is bytes
     assert pkt[start:end] == payload
     assert end == len(pkt)
@@ -336,27 +340,34 @@ def test_parse_accepts_buffer_types(m: ModuleType) -> None:
 
 
 @pytest.mark.parametrize(
-    ("opts", "mss", "wscale", "sack"),
+    ("opts", "mss", "wscale", "sack", "ts"),
     [
-        (b"", 0, -1, False),
-        (bytes.fromhex("020405b4"), 1460, -1, False),
-        (bytes.fromhex("01030300"), 0, 0, False),  # shift 0 is present, not absent
-        (bytes.fromhex("010303ff"), 0, 255, False),  # raw value, not clamped to 14
-        (bytes.fromhex("01010402"), 0, -1, True),
-        (bytes.fromhex("0204ffff010303010204002a"), 42, 1, False),  # last MSS wins
-        (bytes.fromhex("000204ffff000000"), 0, -1, False),  # nothing after EOL counts
-        (bytes.fromhex("00ff0000"), 0, -1, False),  # garbage after EOL ignored
-        (bytes.fromhex("080a000000010000000201011e06000000000402"), 0, -1, True),
-        (bytes.fromhex("fe04abcd020405b4"), 1460, -1, False),  # unknown kind skipped
-        (bytes.fromhex("02040000"), 0, -1, False),  # MSS 0 reads as absent
+        (b"", 0, -1, False, (-1, 0)),
+        (bytes.fromhex("020405b4"), 1460, -1, False, (-1, 0)),
+        (bytes.fromhex("01030300"), 0, 0, False, (-1, 0)),  # shift 0 is present, not absent
+        (bytes.fromhex("010303ff"), 0, 255, False, (-1, 0)),  # raw value, not clamped to 14
+        (bytes.fromhex("01010402"), 0, -1, True, (-1, 0)),
+        (bytes.fromhex("0204ffff010303010204002a"), 42, 1, False, (-1, 0)),  # last MSS wins
+        (bytes.fromhex("000204ffff000000"), 0, -1, False, (-1, 0)),  # nothing after EOL counts
+        (bytes.fromhex("00ff0000"), 0, -1, False, (-1, 0)),  # garbage after EOL ignored
+        (bytes.fromhex("080a000000010000000201011e06000000000402"), 0, -1, True, (1, 2)),
+        (bytes.fromhex("fe04abcd020405b4"), 1460, -1, False, (-1, 0)),  # unknown kind skipped
+        (bytes.fromhex("02040000"), 0, -1, False, (-1, 0)),  # MSS 0 reads as absent
+        # Timestamps (RFC 7323 §3.2): full 32-bit values, TSval 0 is present, last one wins.
+        (bytes.fromhex("0101080affffffff80000001"), 0, -1, False, (2**32 - 1, 2**31 + 1)),
+        (bytes.fromhex("0101080a0000000000000000"), 0, -1, False, (0, 0)),
+        (bytes.fromhex("080a000000010000000201010101080a0000000300000004"), 0, -1, False,
+         (3, 4)),
     ],
 )
-def test_parse_options(m: ModuleType, opts: bytes, mss: int, wscale: int, sack: bool) -> None:
+def test_parse_options(
+    m: ModuleType, opts: bytes, mss: int, wscale: int, sack: bool, ts: tuple[int, int]
+) -> None:
     opts += bytes(-len(opts) % 4)  # pad with EOL to the 32-bit data offset
     for pkt in (v4(dpkt_tcp(opts=opts)), v6(dpkt_tcp(opts=opts))):
         res = m.parse(pkt)
         assert isinstance(res, tuple), wire.DROP_REASONS[res]
-        assert res[11:] == (mss, wscale, sack)
+        assert res[11:] == (mss, wscale, sack, *ts)
         assert res[9] == (40 if pkt[0] >> 4 == 4 else 60) + len(opts)
 
 
@@ -429,6 +440,9 @@ DROPS = [
     ("bad_options", _v4_opts(bytes.fromhex("020505b400000000")), "mss-len-5"),
     ("bad_options", _v4_opts(bytes.fromhex("03040700")), "wscale-len-4"),
     ("bad_options", _v4_opts(bytes.fromhex("04030000")), "sackok-len-3"),
+    ("bad_options", _v4_opts(bytes.fromhex("080900000001000000020000")), "timestamps-len-9"),
+    ("bad_options", _v4_opts(bytes.fromhex("080b00000001000000020000")), "timestamps-len-11"),
+    ("bad_options", _v4_opts(bytes.fromhex("0101080a00000001")), "timestamps-past-header"),
     # BAD_ADDRESS
     ("bad_address", v4(dpkt_tcp(), src=bytes([224, 0, 0, 1])), "v4-src-multicast"),
     ("bad_address", v4(dpkt_tcp(), dst=bytes([239, 255, 255, 250])), "v4-dst-multicast"),
@@ -499,23 +513,28 @@ def _check_sums_with_dpkt(pkt: bytes) -> dpkt.Packet:
 
 @pytest.mark.parametrize("family", [4, 6])
 @pytest.mark.parametrize(
-    ("mss", "wscale", "sack", "opts"),
+    ("mss", "wscale", "sack", "ts", "opts"),
     [
-        (0, -1, False, ""),
-        (1460, -1, False, "020405b4"),
-        (0, -1, True, "01010402"),
-        (0, 0, False, "01030300"),
-        (65495, 14, True, "0204ffd7010104020103030e"),
-        (536, 7, False, "0204021801030307"),
+        (0, -1, False, (-1, 0), ""),
+        (1460, -1, False, (-1, 0), "020405b4"),
+        (0, -1, True, (-1, 0), "01010402"),
+        (0, 0, False, (-1, 0), "01030300"),
+        (65495, 14, True, (-1, 0), "0204ffd7010104020103030e"),
+        (536, 7, False, (-1, 0), "0204021801030307"),
+        (0, -1, False, (0, 0), "0101080a0000000000000000"),
+        (0, -1, False, (2**32 - 1, 0x01020304), "0101080affffffff01020304"),
+        # A SYN-ACK with everything, as the stack sends it: 24 bytes, no padding.
+        (65483, 7, True, (5, 6), "0204ffcb010104020101080a000000050000000601030307"),
     ],
 )
 def test_build_fields_and_checksums(
-    m: ModuleType, family: int, mss: int, wscale: int, sack: bool, opts: str
+    m: ModuleType, family: int, mss: int, wscale: int, sack: bool, ts: tuple[int, int], opts: str
 ) -> None:
     src, dst = (V4_SRC, V4_DST) if family == 4 else (V6_SRC, V6_DST)
     payload = b"payload bytes, odd length"
     pkt = m.build(
-        family, src, dst, 40000, 443, 2**32 - 1, 77, SYN | ACK, 29200, payload, mss, wscale, sack
+        family, src, dst, 40000, 443, 2**32 - 1, 77, SYN | ACK, 29200, payload, mss, wscale, sack,
+        *ts,
     )
     assert type(pkt) is bytes
     ip = _check_sums_with_dpkt(pkt)
@@ -537,7 +556,7 @@ def test_build_fields_and_checksums(
     # And it round-trips through our own parser.
     res = m.parse(pkt)
     assert isinstance(res, tuple)
-    assert res[11:] == (mss, wscale, sack)
+    assert res[11:] == (mss, wscale, sack, *ts)
 
 
 def test_build_sizes_at_the_limit(m: ModuleType) -> None:
@@ -575,6 +594,11 @@ BAD_BUILD = [
     ({"mss": -1}, ValueError),
     ({"wscale": 15}, ValueError),  # RFC 7323 §2.3: at most 14
     ({"wscale": -2}, ValueError),
+    ({"tsval": -2}, ValueError),  # -1 is "no option"
+    ({"tsval": 2**32}, ValueError),
+    ({"tsecr": -1}, ValueError),
+    ({"tsecr": 2**32}, ValueError),
+    ({"tsval": 1.0}, TypeError),
 ]
 
 
@@ -585,8 +609,9 @@ def test_build_rejects_bad_arguments(m: ModuleType, change: dict, exc: type[Exce
 
 
 def test_build_keyword_and_default_arguments(m: ModuleType) -> None:
-    positional = m.build(4, V4_SRC, V4_DST, 1, 2, 3, 4, ACK, 5, b"", 0, -1, False)
+    positional = m.build(4, V4_SRC, V4_DST, 1, 2, 3, 4, ACK, 5, b"", 0, -1, False, -1, 0)
     assert m.build(**_GOOD) == positional
+    assert m.build(*_GOOD.values(), tsecr=99) == positional  # TSecr alone adds nothing
     assert m.build(*_GOOD.values(), sack_permitted=0) == positional
     with pytest.raises(TypeError):
         m.build(4, V4_SRC, V4_DST, 1, 2, 3, 4, ACK)  # window missing
