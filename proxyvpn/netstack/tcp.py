@@ -633,10 +633,12 @@ class TcpConnection:
             and plen <= self._rcv_adv - rcv_nxt
             and self._ooo_fin < 0
         ):
-            if tsval >= 0:
-                self._ts_update(rcv_nxt, tsval)
-            if self._on_ack(ack, window, rcv_nxt, plen == 0, now, tsecr) and plen:
-                self._deliver(payload, 0, plen, now)
+            # TS.Recent only from a segment the ACK check accepted (like Linux).
+            if self._on_ack(ack, window, rcv_nxt, plen == 0, now, tsecr):
+                if tsval >= 0:
+                    self._ts_update(rcv_nxt, tsval)
+                if plen:
+                    self._deliver(payload, 0, plen, now)
             return
         self._receive_slow(state, off, ack, flags, window, payload, plen, now, tsval, tsecr)
 
@@ -713,8 +715,6 @@ class TcpConnection:
         if not flags & ACK:
             return
         seg_start = rcv_nxt + off
-        if tsval >= 0:
-            self._ts_update(seg_start, tsval)
         if state is _SYN_RECEIVED:
             a = (ack - self.iss) & SEQ_MASK
             if a != 1:
@@ -728,6 +728,8 @@ class TcpConnection:
         ):
             # TIME-WAIT: only a retransmitted FIN may arrive, handled above.
             return
+        if tsval >= 0:
+            self._ts_update(seg_start, tsval)
         state = self._state
 
         # Seventh and eighth: text and FIN, only where the app may still send them.

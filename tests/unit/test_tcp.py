@@ -1097,6 +1097,9 @@ def test_ts_recent_follows_rfc_7323_section_4_3() -> None:
     assert echoed() == 5
     a.seg(b"j", ts=(0xFFFFFFFF, 0))  # 6 ticks earlier
     assert echoed() == 5
+    # A segment the ACK check drops (it acknowledges data never sent) sets nothing.
+    a.seg(b"k", ack=(a.conn.iss + 1000) & 0xFFFFFFFF, ts=(900, 0))
+    assert echoed() == 5
 
 
 def test_echoed_timestamp_undoes_the_rto_backoff() -> None:
