@@ -135,6 +135,8 @@ class Config:
     half_close_delay: float = 2.0
     """Seconds the reply direction must be quiet before an app's half-close is passed
     to the proxy (0: at once). See aio/flow.py for why."""
+    busy_poll: int = 200
+    """Microseconds the event loop polls before it sleeps (0: never). See aio/busypoll.py."""
     pcap: Path | None = None
     verbose: bool = False
     dry_run: bool = False
@@ -300,7 +302,7 @@ SETTING_KEYS = (
     "proxy_url", "proxy_host", "proxy_port", "username", "password", "password_file",
     "proxy_ip", "tun_name", "tun_cidr", "tun_cidr6", "mtu", "dns", "allow_dns", "exclude",
     "killswitch", "ipv6", "state_dir", "table", "capture_mark", "bypass_mark",
-    "rule_priority", "connect_timeout", "max_flows", "half_close_delay", "pcap", "verbose", "keep_logs",
+    "rule_priority", "connect_timeout", "max_flows", "half_close_delay", "busy_poll", "pcap", "verbose", "keep_logs",
     "pure_python", "firewall_backend", "offload", *SELECTION_KEYS, "exec_cgroup",
 )
 """Keys accepted in the TOML config file (dashes or underscores); each mirrors a flag."""
@@ -472,6 +474,7 @@ def build_config(settings: Mapping[str, Any], *, dry_run: bool = False, json: bo
         connect_timeout=timeout,
         max_flows=_check_int(s.get("max_flows", 16384), "--max-flows", 1, 1_000_000),
         half_close_delay=half_close_delay,
+        busy_poll=_check_int(s.get("busy_poll", 200), "--busy-poll", 0, 10_000),
         pcap=Path(pcap) if pcap else None,
         verbose=bool(s.get("verbose", False)),
         dry_run=dry_run,

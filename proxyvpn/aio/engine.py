@@ -22,6 +22,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from proxyvpn.aio.busypoll import BULK_BYTES, BusyPollSelector
 from proxyvpn.aio.flow import Flow
 from proxyvpn.config import Config
 from proxyvpn.errors import ProxyError, ProxyVpnError
@@ -40,8 +41,11 @@ class Engine:
     """Owns the flow table and drives every TcpConnection from TUN packets and timers."""
 
     def __init__(self, config: Config, endpoint: ProxyEndpoint, tun_fd: int,
-                 *, vnet: bool = False, pcap_path: Path | None = None) -> None:
+                 *, vnet: bool = False, pcap_path: Path | None = None,
+                 poller: BusyPollSelector | None = None) -> None:
         self.config = config
+        self.poller = poller
+        """The loop's selector, told when bulk data moves (it then does not poll)."""
         self.endpoint = endpoint
         self.fd = tun_fd
         self.vnet = vnet
@@ -91,6 +95,8 @@ class Engine:
             return
         now = self._loop.time()
         self.stats["tun_reads"] += 1
+        if self.poller is not None and packets and len(packets[-1]) > BULK_BYTES:
+            self.poller.bulk()
         for packet in packets:
             self._on_packet(packet, now)
         self.transmit()
@@ -368,13 +374,15 @@ def _open_pcap(path: Path, vnet: bool = False) -> Any:
     return _Pcap()
 
 
-async def run_engine(config: Config, plan: Any, tun: Any, state_dir: Path) -> str:
-    """Run until SIGINT/SIGTERM; returns why it stopped."""
+async def run_engine(config: Config, plan: Any, tun: Any, state_dir: Path,
+                     poller: BusyPollSelector | None = None) -> str:
+    """Run until SIGINT/SIGTERM; returns why it stopped. ``poller``: the running loop's
+    selector, when it is a BusyPollSelector."""
     assert config.proxy is not None
     endpoint = ProxyEndpoint(scheme=config.proxy.scheme, host=config.proxy.host,
                              port=config.proxy.port, addresses=tuple(plan.proxy_ips),
                              credentials=config.proxy.credentials)
-    engine = Engine(config, endpoint, tun.fd, vnet=tun.vnet, pcap_path=config.pcap)
+    engine = Engine(config, endpoint, tun.fd, vnet=tun.vnet, pcap_path=config.pcap, poller=poller)
     _tune_gc()
     loop = asyncio.get_running_loop()
     stopped = asyncio.get_running_loop().create_future()

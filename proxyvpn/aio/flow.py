@@ -15,6 +15,7 @@ import ipaddress
 import logging
 from typing import TYPE_CHECKING
 
+from proxyvpn.aio.busypoll import BULK_BYTES
 from proxyvpn.logs import FlowLogger
 from proxyvpn.netstack.tcp import (
     Closed,
@@ -166,6 +167,8 @@ class Flow:
         tunnel.attach(self)
 
     def tunnel_data(self, data: bytes) -> None:
+        if len(data) > BULK_BYTES and self.engine.poller is not None:
+            self.engine.poller.bulk()
         if self._eof_timer is not None:
             self.last_rx = self.engine._loop.time()
         if self.pending:

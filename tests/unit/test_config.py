@@ -82,6 +82,7 @@ def test_defaults():
     assert isinstance(config, Config)
     assert config.tun_name == "tun0" and config.tun_cidr == DEFAULT_TUN_CIDR
     assert config.killswitch and config.ipv6 and config.mtu == 65535
+    assert config.busy_poll == 200
 
 
 def test_separate_host_port_user_password_file(tmp_path):
@@ -145,6 +146,9 @@ def test_no_proxy_is_an_error_unless_dry_run():
         ({"capture_mark": "0x10", "bypass_mark": 16}, "must differ"),
         ({"connect_timeout": 0}, "between"),
         ({"proxy_port": 70000}, "outside"),
+        ({"busy_poll": -1}, "--busy-poll"),
+        ({"busy_poll": 10_001}, "--busy-poll"),
+        ({"busy_poll": "fast"}, "--busy-poll"),
     ],
 )
 def test_bad_values(settings, message):
