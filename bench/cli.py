@@ -44,8 +44,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--only", default="bulk,lat,cps,idle",
                    help="comma-separated subset of bulk,lat,cps,idle")
     p.add_argument("--profile", type=Path, metavar="DIR",
-                   help="py-spy proxyvpn during the single-flow bulk tests; write stacks here "
-                        "(perturbs the figures: use a separate run)")
+                   help="py-spy proxyvpn during the single-flow bulk, latency and connection-rate "
+                        "tests; write stacks here (perturbs the figures: use a separate run)")
     p.add_argument("--no-native", action="store_true",
                    help="with --profile: Python frames only (no C-extension frames)")
     p.add_argument("--repeat", type=int, default=1, metavar="N",
