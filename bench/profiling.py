@@ -1,9 +1,8 @@
 """Sample proxyvpn with py-spy during a test and summarise where its time goes.
 
 `--profile DIR` wraps the proxyvpn mode's single-flow bulk, latency (rr) and connection-rate
-(cps_64) tests in
-`py-spy record --format raw` (collapsed stacks) and writes DIR/<test>.txt, an SVG
-flame graph rendered from it when py-spy can, and DIR/<test>.top.txt: the functions
+(cps_64) tests in `py-spy record --format raw` (collapsed stacks) and writes DIR/<test>.txt,
+an SVG flame graph rendered from it when py-spy can, and DIR/<test>.top.txt: the functions
 with the most samples on-CPU as the leaf (self) and anywhere on the stack (inclusive).
 """
 
