@@ -11,7 +11,9 @@ import time
 
 import pytest
 from impair import impair
-from topology import PROXY_PORT, PYTHON, ROUTER4_C, ROUTER6_C, SERVER4, SERVER6
+from topology import PROXY_PORT, PYTHON, ROUTER4_C, ROUTER6_C, SERVER4, SERVER6, until
+
+from bench.procstat import cpu_seconds
 
 MB = 1 << 20
 
@@ -67,6 +69,33 @@ def test_server_closes_first(lab):
     client_json(lab, "--host", SERVER4, "--port", "9001", "--mode", "close-first",
                 "--up", "0", "--down", str(8 * MB))
 
+
+
+IDLE_CLIENT = r"""
+import socket, sys, time
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10)
+for _ in range(50):  # interactive traffic first: the loop polls between these
+    s.sendall(b"ping")
+    assert s.recv(4) == b"ping"
+print("ready", flush=True)
+time.sleep(60)
+"""
+
+
+def test_idle_proxyvpn_does_not_spin(lab):
+    """Busy polling (--busy-poll, on by default) spends its window only when the loop is
+    about to sleep after work: with a flow open but quiet, proxyvpn must sleep."""
+    lab.start_server("--mode", "echo", port=9002)
+    vpn = lab.start_vpn()
+    app = lab.client.popen(PYTHON, "-c", IDLE_CLIENT, SERVER4, "9002")
+    assert app.stdout.readline().strip() == "ready", app.communicate(timeout=5)
+    assert until(lambda: lab.stats().get("flows_active", 0) >= 1)
+    before = cpu_seconds(vpn.pid)
+    time.sleep(3)
+    used = cpu_seconds(vpn.pid) - before
+    assert used < 0.3, f"an idle proxyvpn used {used:.2f} CPU seconds in 3 s"
+    app.kill()
+    assert lab.stop_vpn() == 0
 
 REUSE_PORT_CLIENT = r"""
 import json, socket, struct, sys, time
