@@ -84,7 +84,7 @@ def raise_open_file_limit() -> None:
 
 def run_up(config: Config) -> int:
     """Apply the plan, run the data path until a stop signal, undo everything."""
-    from proxyvpn.aio.busypoll import BusyPollSelector
+    from proxyvpn.aio.busypoll import BusyPollSelector, window_seconds
     from proxyvpn.aio.engine import run_engine
     from proxyvpn.privileges import confine_up
     from proxyvpn.system.apply import apply_plan
@@ -125,7 +125,7 @@ def run_up(config: Config) -> int:
             raise
         ready = (f"up: {config.tun_name} via {config.proxy.display()} (killswitch "
                  f"{'on' if config.killswitch else 'off'}); Ctrl+C or `proxyvpn down` to stop")
-        poller = BusyPollSelector(config.busy_poll / 1e6)
+        poller = BusyPollSelector(window_seconds(config.busy_poll, len(os.sched_getaffinity(0))))
         with asyncio.Runner(loop_factory=lambda: asyncio.SelectorEventLoop(poller)) as runner:
             stop_reason = runner.run(_serve(run_engine(config, plan, applied.tun, state_dir,
                                                        poller), plan, ready))

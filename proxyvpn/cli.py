@@ -115,7 +115,7 @@ def main() -> None:
                    "proxy; many proxies drop the tunnel on half-close [default: 2, 0: at once].")
 @click.option("--busy-poll", type=int, default=None, metavar="USEC",
               help="Microseconds to poll for the next packet before sleeping: lower "
-                   "latency for some CPU [default: 200, 0: off].")
+                   "latency for some CPU [default: 200 with more than one CPU, else 0; 0: off].")
 @click.option("--max-flows", type=int, default=None, help="Maximum concurrent flows [default: 16384].")
 @click.option("--pcap", type=click.Path(path_type=Path), default=None,
               help="Write every packet seen on the TUN to this pcap file (debugging).")

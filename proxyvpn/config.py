@@ -135,8 +135,9 @@ class Config:
     half_close_delay: float = 2.0
     """Seconds the reply direction must be quiet before an app's half-close is passed
     to the proxy (0: at once). See aio/flow.py for why."""
-    busy_poll: int = 200
-    """Microseconds the event loop polls before it sleeps (0: never). See aio/busypoll.py."""
+    busy_poll: int | None = None
+    """Microseconds the event loop polls before it sleeps (0: never; None: 200 with more
+    than one CPU to run on, else 0). See aio/busypoll.py."""
     pcap: Path | None = None
     verbose: bool = False
     dry_run: bool = False
@@ -474,7 +475,8 @@ def build_config(settings: Mapping[str, Any], *, dry_run: bool = False, json: bo
         connect_timeout=timeout,
         max_flows=_check_int(s.get("max_flows", 16384), "--max-flows", 1, 1_000_000),
         half_close_delay=half_close_delay,
-        busy_poll=_check_int(s.get("busy_poll", 200), "--busy-poll", 0, 10_000),
+        busy_poll=(None if s.get("busy_poll") is None
+                   else _check_int(s["busy_poll"], "--busy-poll", 0, 10_000)),
         pcap=Path(pcap) if pcap else None,
         verbose=bool(s.get("verbose", False)),
         dry_run=dry_run,

@@ -17,11 +17,24 @@ from __future__ import annotations
 import selectors
 import time
 
+DEFAULT_WINDOW_US = 200
+"""The window when the user gave none and there is more than one CPU to run on."""
+
 BULK_BYTES = 16 * 1024
 """A read or write this large means bulk data is moving."""
 
 BULK_HOLD = 0.05
 """Seconds after the last bulk-sized read or write during which the loop does not poll."""
+
+
+def window_seconds(setting_us: int | None, cpus: int) -> float:
+    """The polling window for ``--busy-poll`` (µs; None: not given) on ``cpus`` usable CPUs.
+
+    By default there is no polling on a single CPU: the packet being waited for would
+    mostly come from a process (the app, a local proxy) that needs that CPU to send it."""
+    if setting_us is None:
+        setting_us = DEFAULT_WINDOW_US if cpus > 1 else 0
+    return setting_us / 1e6
 
 
 class BusyPollSelector(selectors.EpollSelector):

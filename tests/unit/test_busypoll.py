@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from proxyvpn.aio.busypoll import BULK_HOLD, BusyPollSelector
+from proxyvpn.aio.busypoll import BULK_HOLD, DEFAULT_WINDOW_US, BusyPollSelector, window_seconds
 
 
 @pytest.fixture
@@ -90,3 +90,10 @@ def test_an_event_loop_on_it_runs_readers_and_timers(pair):
     finally:
         loop.remove_reader(a)
         loop.close()
+
+
+def test_default_window_needs_a_second_cpu_and_a_given_one_is_kept():
+    assert window_seconds(None, cpus=4) == DEFAULT_WINDOW_US / 1e6
+    assert window_seconds(None, cpus=1) == 0
+    assert window_seconds(50, cpus=1) == 50e-6
+    assert window_seconds(0, cpus=8) == 0
