@@ -88,6 +88,7 @@ def run_up(config: Config) -> int:
     from proxyvpn.aio.engine import run_engine
     from proxyvpn.privileges import confine_up
     from proxyvpn.system.apply import apply_plan
+    from proxyvpn.system.cgroups import usable_cpus
     from proxyvpn.system.down import clean_stale
     from proxyvpn.system.state import StateDir, resolve_state_dir
 
@@ -125,7 +126,7 @@ def run_up(config: Config) -> int:
             raise
         ready = (f"up: {config.tun_name} via {config.proxy.display()} (killswitch "
                  f"{'on' if config.killswitch else 'off'}); Ctrl+C or `proxyvpn down` to stop")
-        poller = BusyPollSelector(window_seconds(config.busy_poll, len(os.sched_getaffinity(0))))
+        poller = BusyPollSelector(window_seconds(config.busy_poll, usable_cpus()))
         with asyncio.Runner(loop_factory=lambda: asyncio.SelectorEventLoop(poller)) as runner:
             stop_reason = runner.run(_serve(run_engine(config, plan, applied.tun, state_dir,
                                                        poller), plan, ready))

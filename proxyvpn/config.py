@@ -248,6 +248,9 @@ def _check_iface_cidr(value: str, what: str, version: int) -> str:
 
 
 def _check_int(value: Any, what: str, lo: int, hi: int) -> int:
+    # TOML hands over real bools and floats: int() would make `true` a 1 and 0.9 a 0.
+    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+        raise ConfigError(f"{what}: {value!r} is not a whole number")
     try:
         number = int(value, 0) if isinstance(value, str) else int(value)
     except (TypeError, ValueError):

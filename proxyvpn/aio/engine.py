@@ -95,8 +95,8 @@ class Engine:
             return
         now = self._loop.time()
         self.stats["tun_reads"] += 1
-        if self.poller is not None and packets and len(packets[-1]) > BULK_BYTES:
-            self.poller.bulk()
+        if self.poller is not None and sum(map(len, packets)) > BULK_BYTES:
+            self.poller.bulk()  # by the batch: with a small --mtu no packet is bulk-sized
         for packet in packets:
             self._on_packet(packet, now)
         self.transmit()

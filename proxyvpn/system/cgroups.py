@@ -44,6 +44,53 @@ def cgroup2_mount(mounts: Path = MOUNTS) -> str | None:
         return None
 
 
+def parse_cpu_max(text: str) -> float | None:
+    """The CPUs a cgroup's cpu.max allows ("50000 100000": 0.5), or None for no limit."""
+    fields = text.split()
+    try:
+        quota, period = fields[0], int(fields[1]) if len(fields) > 1 else 100_000
+        return None if quota == "max" else int(quota) / period
+    except (IndexError, ValueError, ZeroDivisionError):
+        return None
+
+
+def own_cgroup(proc_cgroup: Path = Path("/proc/self/cgroup")) -> str | None:
+    """This process's cgroup v2 path ("/system.slice/x.service"), or None."""
+    try:
+        for line in proc_cgroup.read_text(errors="replace").splitlines():
+            if line.startswith("0::"):
+                return line[3:] or "/"
+    except OSError:
+        pass
+    return None
+
+
+def cpu_limit(root: str, cgroup: str) -> float | None:
+    """The tightest cpu.max quota (in CPUs) on ``cgroup`` and its ancestors, or None.
+    A systemd CPUQuota= lands here; sched_getaffinity() does not see it."""
+    parts = [p for p in cgroup.split("/") if p]
+    limits = []
+    for depth in range(len(parts), -1, -1):
+        try:
+            limit = parse_cpu_max(Path(root, *parts[:depth], "cpu.max").read_text())
+        except OSError:
+            continue  # the root has no cpu.max; a controller may not be enabled
+        if limit is not None:
+            limits.append(limit)
+    return min(limits, default=None)
+
+
+def usable_cpus() -> float:
+    """How many CPUs this process can use: its affinity, capped by a cgroup CPU quota."""
+    cpus: float = len(os.sched_getaffinity(0))
+    root, cgroup = cgroup2_mount(), own_cgroup()
+    if root is not None and cgroup is not None:
+        limit = cpu_limit(root, cgroup)
+        if limit is not None:
+            cpus = min(cpus, limit)
+    return cpus
+
+
 def relative(root: str, directory: str) -> str:
     """A cgroup directory as a path relative to the cgroup2 root: "/a/b" ("/" for root)."""
     rel = os.path.relpath(directory, root)

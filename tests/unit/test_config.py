@@ -149,6 +149,9 @@ def test_no_proxy_is_an_error_unless_dry_run():
         ({"busy_poll": -1}, "--busy-poll"),
         ({"busy_poll": 10_001}, "--busy-poll"),
         ({"busy_poll": "fast"}, "--busy-poll"),
+        ({"busy_poll": True}, "whole number"),
+        ({"busy_poll": 0.9}, "whole number"),
+        ({"max_flows": 100.5}, "whole number"),
     ],
 )
 def test_bad_values(settings, message):
