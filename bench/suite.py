@@ -57,6 +57,7 @@ FIGURES: list[tuple[str, str, str, bool]] = [
     ("rr_p99", "Request/response latency p99, established conn", "µs", False),
     ("cpu_down", "CPU per GB moved, 1-flow download", "CPU·s/GB", False),
     ("cpu_up", "CPU per GB moved, 1-flow upload", "CPU·s/GB", False),
+    ("cpu_conn", "CPU per new connection (the cps test)", "µs", False),
     ("rss_0", "RSS, fresh process, no open flows", "MiB", False),
     ("rss_1000", "RSS with 1,000 idle open flows", "MiB", False),
     ("rss_10000", "RSS with 10,000 idle open flows", "MiB", False),
@@ -207,6 +208,11 @@ class Runner:
                     seconds=secs, conn_p50_us=out["conn_p50_us"], conn_p99_us=out["conn_p99_us"],
                     cpu_s=cpu, cpu_util={k: round(v / secs, 2) for k, v in cpu.items()},
                     client_ns=meter["client_ns"])
+        if out["conns"]:
+            per_conn = {k: round(v / out["conns"] * 1e6, 1) for k, v in cpu.items()}
+            main = "proxy" if mode.name == "direct" else mode.name
+            self.record(mode, "cpu_conn", per_conn.get(main), process=main,
+                        cpu_us_per_conn=per_conn)
         check_alive(mode)
 
     def run_idle(self, mode: Mode) -> None:

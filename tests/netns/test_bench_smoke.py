@@ -19,17 +19,18 @@ def root_namespace_state() -> str:
 
 
 @pytest.mark.timeout(300)
-def test_bench_quick_bulk_runs_every_mode(tmp_path):
+def test_bench_quick_runs_every_mode(tmp_path):
     before = root_namespace_state()
     out = tmp_path / "results.jsonl"
     result = subprocess.run(
-        [sys.executable, "-m", "bench", "--quick", "--only", "bulk,lat", "--json-out", str(out)],
+        [sys.executable, "-m", "bench", "--quick", "--only", "bulk,lat,cps", "--json-out", str(out)],
         cwd=REPO, capture_output=True, text=True, timeout=280)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     got = {(r.get("mode"), r["figure"]): r for r in rows if "mode" in r}
     for mode in ("direct", "proxyvpn", "redsocks"):
-        for figure in ("bulk_down_1", "bulk_up_1", "bulk_down_8", "bulk_up_8", "rr_p50"):
+        for figure in ("bulk_down_1", "bulk_up_1", "bulk_down_8", "bulk_up_8", "rr_p50",
+                       "cps_64", "cpu_conn"):
             row = got.get((mode, figure))
             assert row and row.get("value"), (mode, figure, row)
     assert "| Bulk download, 1 flow" in result.stdout  # the markdown table
