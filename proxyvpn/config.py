@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from proxyvpn.errors import ConfigError
+from proxyvpn.relay.connect import encode_basic_credentials
 
 DEFAULT_PORTS = {"http": 3128, "https": 443}
 """Port used when the proxy URL names none: squid's 3128 for http, 443 for TLS proxies."""
@@ -418,9 +419,13 @@ def build_config(settings: Mapping[str, Any], *, dry_run: bool = False, json: bo
             if proxy.username is None:
                 raise ConfigError("a password was given but no username (--username or user@ in the URL)")
             proxy = replace(proxy, password=password)
-        for text, what in ((proxy.username, "username"), (proxy.password, "password")):
-            if text and any(c in text for c in "\r\n\0"):
-                raise ConfigError(f"proxy {what} contains a line break or NUL")
+        if proxy.credentials is not None:
+            # The encoder's own rules (RFC 7617: no ':' in the user, no control
+            # characters), so a value it would refuse fails here, not on every connection.
+            try:
+                encode_basic_credentials(*proxy.credentials)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
     elif not dry_run:
         raise ConfigError("no proxy given: use --proxy-url http://host:port (or --proxy-host)")
 

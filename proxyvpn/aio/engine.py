@@ -142,6 +142,12 @@ class Engine:
             self.stats["flows_over_limit"] += 1
         else:
             self.stats["segments_unknown_flow"] += 1
+        self._reset(parsed)
+
+    def _reset(self, parsed: tuple) -> None:
+        """Answer a segment no flow takes with the RST RFC 9293 §3.10.7.1 prescribes."""
+        (family, src, dst, sport, dport, seq, ack, flags, window,
+         start, end, *_) = parsed
         reply = reset_for(seq, ack, flags, end - start)
         if reply is not None:
             rseq, rack, rflags = reply
@@ -154,6 +160,15 @@ class Engine:
     def _open_flow(self, parsed: tuple, key: tuple, now: float) -> None:
         (family, src, dst, sport, dport, seq, ack, flags, window,
          start, end, mss, wscale, sack_ok, tsval, tsecr) = parsed
+        dst_ip = socket.inet_ntop(socket.AF_INET if family == 4 else socket.AF_INET6, dst)
+        try:
+            protocol = TunnelProtocol(dst_ip, dport, self.endpoint.credentials)
+        except ValueError:
+            # No CONNECT request can name it (port 0: any local process can send that
+            # SYN); refuse it like a closed port rather than hold a flow that never dials.
+            self.stats["syn_bad_target"] += 1
+            self._reset(parsed)
+            return
         gso_size = -1
         if self.vnet:
             # The app's MSS bounds what its kernel wants per packet on the wire, not per
@@ -167,11 +182,9 @@ class Engine:
         conn = TcpConnection(self.params, iss=secrets.randbits(32), irs=seq, peer_window=window,
                              peer_mss=mss, peer_wscale=wscale, peer_sack_permitted=bool(sack_ok),
                              now=now, peer_tsval=tsval)
-        dst_ip = socket.inet_ntop(socket.AF_INET if family == 4 else socket.AF_INET6, dst)
         flow = Flow(self, key, family, conn, dst_ip, dport, gso_size)
         self.flows[key] = flow
         self.stats["flows_opened"] += 1
-        protocol = TunnelProtocol(dst_ip, dport, self.endpoint.credentials)
         # Callbacks, not a task per connection: at 1,700 connections/s asyncio's
         # task, futures and transport set-up were a fifth of our CPU (relay/transport.py).
         dial = start_tunnel(self.endpoint, dst_ip, dport, mark=self.config.bypass_mark,

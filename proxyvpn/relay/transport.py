@@ -29,13 +29,18 @@ READ_SIZE = 256 * 1024
 _IOV_BATCH = 512
 """Buffers per sendmsg(), below Linux's IOV_MAX (1024)."""
 
+CLOSE_STALL = 60.0
+"""Seconds a closing transport waits for the peer to take any of its buffered bytes
+before it gives up and aborts. The flow is gone by then: without a bound, a proxy that
+stops reading would keep the socket and up to rcv_buf bytes until proxyvpn exits."""
+
 
 class SocketTransport(asyncio.Transport):
     """One connected, non-blocking TCP socket and its protocol."""
 
     __slots__ = ("_loop", "_sock", "_fd", "_protocol", "_buffer", "_high", "_low",
                  "_reading", "_writing", "_closing", "_eof", "_shut", "_at_eof", "_write_paused",
-                 "_lost")
+                 "_lost", "_linger", "_drained")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket,
                  protocol: asyncio.Protocol) -> None:
@@ -56,6 +61,8 @@ class SocketTransport(asyncio.Transport):
         self._at_eof = False  # the peer's FIN was read
         self._write_paused = False  # protocol.pause_writing() was called
         self._lost = False
+        self._linger: asyncio.TimerHandle | None = None  # bounds close() (CLOSE_STALL)
+        self._drained = False  # the peer took bytes since the linger timer was armed
         protocol.connection_made(self)
         if not self._closing:
             self.resume_reading()
@@ -168,6 +175,7 @@ class SocketTransport(asyncio.Transport):
         if not sent:
             return
         del buffer[:sent]
+        self._drained = True
         if self._write_paused and len(buffer) <= self._low:
             self._write_paused = False
             try:
@@ -231,6 +239,21 @@ class SocketTransport(asyncio.Transport):
         self.pause_reading()
         if not self._buffer:
             self._lose(None)
+        else:
+            self._drained = False
+            self._linger = self._loop.call_later(CLOSE_STALL, self._linger_expired)
+
+    def _linger_expired(self) -> None:
+        self._linger = None
+        if self._lost:
+            return
+        if self._drained:  # slow but moving: give it another period
+            self._drained = False
+            self._linger = self._loop.call_later(CLOSE_STALL, self._linger_expired)
+            return
+        log.debug("proxy took none of %d buffered bytes in %.0f s after close: aborting",
+                  len(self._buffer), CLOSE_STALL)
+        self._force_close(TimeoutError("the proxy stopped reading"))
 
     def abort(self) -> None:
         """Close now, dropping whatever is still buffered."""
@@ -262,6 +285,9 @@ class SocketTransport(asyncio.Transport):
         if self._lost:
             return
         self._lost = True
+        if self._linger is not None:
+            self._linger.cancel()
+            self._linger = None
         # A later iteration, as asyncio does: the protocol's owner may be in the middle
         # of the call that closed us.
         self._loop.call_soon(self._connection_lost, exc)

@@ -178,6 +178,33 @@ def test_proxy_403_refuses_fast(lab):
     assert "proxy refused: 403" in lab.vpn_log()
 
 
+PORT_ZERO_CLIENT = r"""
+import errno, json, socket, sys, time
+s = socket.socket()
+s.settimeout(5)
+started = time.monotonic()
+try:
+    s.connect((sys.argv[1], 0))
+    result = "connected"
+except OSError as exc:
+    result = errno.errorcode.get(exc.errno, str(exc))
+print(json.dumps({"result": result, "seconds": time.monotonic() - started}))
+"""
+
+
+def test_syn_to_port_zero_is_refused_and_the_next_connection_works(lab):
+    """No CONNECT request can name port 0; any local process can send that SYN. It gets
+    a RST at once (counted), and does not stop the flows behind it."""
+    lab.start_server()
+    lab.start_vpn()
+    out = json.loads(lab.client.run(PYTHON, "-c", PORT_ZERO_CLIENT, SERVER4).stdout)
+    assert out["result"] == "ECONNREFUSED" and out["seconds"] < 1.0, out
+    client_json(lab, "--host", SERVER4, "--up", str(MB), "--down", str(MB))
+    assert until(lambda: lab.stats().get("syn_bad_target") == 1), lab.stats()
+    assert lab.stop_vpn() == 0
+    assert "Traceback" not in lab.vpn_log() and "exception" not in lab.vpn_log().lower()
+
+
 def test_proxy_unreachable_fails_within_timeout(lab):
     lab.start_server()
     lab.start_vpn("--connect-timeout", "2")

@@ -152,6 +152,10 @@ def test_no_proxy_is_an_error_unless_dry_run():
         ({"busy_poll": True}, "whole number"),
         ({"busy_poll": 0.9}, "whole number"),
         ({"max_flows": 100.5}, "whole number"),
+        # What the Proxy-Authorization encoder refuses fails at start-up (RFC 7617 §2).
+        ({"username": "us:er", "password": "pw"}, "must not contain ':'"),
+        ({"username": "user", "password": "pa\tss"}, "control characters"),
+        ({"username": "user", "password": "pa\nss"}, "control characters"),
     ],
 )
 def test_bad_values(settings, message):

@@ -12,6 +12,7 @@ from contextlib import asynccontextmanager
 
 import pytest
 
+from proxyvpn.relay import transport as transport_module
 from proxyvpn.relay.transport import SocketTransport
 
 
@@ -288,5 +289,51 @@ def test_a_protocol_callback_that_raises_closes_the_transport(caplog: pytest.Log
             assert transport.is_closing()
             assert errors and "data_received" in errors[0]["message"]
             assert await read_all(loop, peer) == b""  # the socket was closed: EOF
+
+    run(body())
+
+
+def test_close_gives_up_on_a_peer_that_takes_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The flow is gone once it closes the tunnel: a proxy that stops reading must not
+    keep the socket and its buffer for ever."""
+    monkeypatch.setattr(transport_module, "CLOSE_STALL", 0.2)
+
+    async def body() -> None:
+        async with pair() as (transport, protocol, peer):
+            transport.write(b"x" * (8 << 20))
+            assert transport.get_write_buffer_size() > 0  # the peer reads nothing
+            sock = transport.get_extra_info("socket")
+            transport.close()
+            exc = await asyncio.wait_for(protocol.lost, 2)
+            assert isinstance(exc, TimeoutError)
+            assert sock.fileno() == -1  # closed, not leaked
+
+    run(body())
+
+
+def test_close_waits_for_a_slow_peer_that_keeps_reading(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Progress re-arms the stall timer: this peer needs several stall periods in all."""
+    monkeypatch.setattr(transport_module, "CLOSE_STALL", 0.5)
+
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        async with pair() as (transport, protocol, peer):
+            data = random.randbytes(16 << 20)
+            transport.write(data)
+            transport.close()
+            received = bytearray()
+            started = loop.time()
+            while True:  # each read comes well within one stall period
+                await asyncio.sleep(0.02)
+                try:
+                    chunk = peer.recv(256 * 1024)
+                except BlockingIOError:
+                    continue
+                if not chunk:
+                    break
+                received += chunk
+            assert await protocol.lost is None
+            assert hashlib.sha256(received).digest() == hashlib.sha256(data).digest()
+            assert loop.time() - started > 0.5, "it never needed a second stall period"
 
     run(body())
