@@ -888,7 +888,9 @@ static PyObject *fp_read_batch(PyObject *Py_UNUSED(mod), PyObject *const *args,
         Py_END_ALLOW_THREADS
         if (r <= 0) /* EAGAIN, an error, or EOF (a TUN never says it: no empty packets) */
             break;
-        if (r > bufsize) /* a TUN reports a truncated packet's full length: drop it */
+        /* read() on a TUN clamps an oversized packet to the buffer (the truncated rest
+         * fails parse); a longer result would be a bug elsewhere: never hand it over. */
+        if (r > bufsize)
             continue;
         if (r <= READ_COPY_MAX) {
             pkt = PyBytes_FromStringAndSize(PyBytes_AS_STRING(buf), r);
@@ -950,7 +952,7 @@ static PyObject *fp_write_batch(PyObject *Py_UNUSED(mod), PyObject *const *args,
     n = PySequence_Fast_GET_SIZE(seq);
     for (i = 0; i < n; i++) {
         PyObject *item = PySequence_Fast_GET_ITEM(seq, i);
-        Py_ssize_t parts = PyTuple_Check(item) ? PyTuple_GET_SIZE(item) : 1;
+        Py_ssize_t parts = PyTuple_CheckExact(item) ? PyTuple_GET_SIZE(item) : 1;
         if (parts < 1 || parts > WRITE_MAX_PARTS) {
             PyErr_Format(PyExc_ValueError, "a packet has 1..%d parts, got %zd",
                          WRITE_MAX_PARTS, parts);
@@ -972,7 +974,7 @@ static PyObject *fp_write_batch(PyObject *Py_UNUSED(mod), PyObject *const *args,
     for (i = 0; i < n; i++) {
         PyObject *item = PySequence_Fast_GET_ITEM(seq, i);
         first[i] = got;
-        if (!PyTuple_Check(item)) {
+        if (!PyTuple_CheckExact(item)) {
             if (PyObject_GetBuffer(item, &bufs[got], PyBUF_SIMPLE) < 0)
                 goto release;
             got++;

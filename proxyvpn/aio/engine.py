@@ -98,7 +98,15 @@ class Engine:
         if self.poller is not None and sum(map(len, packets)) > BULK_BYTES:
             self.poller.bulk()  # by the batch: with a small --mtu no packet is bulk-sized
         for packet in packets:
-            self._on_packet(packet, now)
+            try:
+                self._on_packet(packet, now)
+            except Exception:
+                # A bug, not bad input (parse drops and counts that): it costs this one
+                # packet -- the app retransmits -- not the rest of the batch.
+                self.stats["packet_errors"] += 1
+                if self.stats["packet_errors"] == 1:
+                    log.exception("internal error handling a TUN packet (dropped; further "
+                                  "ones are counted as packet_errors)")
         self.transmit()
 
     def _on_packet(self, packet: bytes, now: float) -> None:

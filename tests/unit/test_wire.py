@@ -8,6 +8,7 @@ pure-Python reference and, when built, for the C extension.
 from __future__ import annotations
 
 import array
+import collections
 import errno
 import importlib
 import logging
@@ -714,6 +715,8 @@ def test_write_batch_gathers_tuple_parts_into_one_packet(m: ModuleType, dgram_pa
             m.write_batch(a.fileno(), [b"never", bad])
     with pytest.raises(TypeError):
         m.write_batch(a.fileno(), [(b"never", "not a buffer")])
+    with pytest.raises(TypeError):  # only a plain tuple is gathered, in both twins
+        m.write_batch(a.fileno(), [collections.namedtuple("Parts", "h p")(b"ne", b"ver")])
     assert m.read_batch(b.fileno(), 64, 4096) == []  # nothing of a rejected batch went out
 
 
