@@ -106,6 +106,8 @@ def _killswitch_rules(config: Config, family: int, proxies: Sequence[str],
         # the original device; PROXYVPN_POST makes sure they reach the TUN.
         acc.format(f"-m mark --mark {config.capture_mark:#x}"),
         acc.format(f"-o {config.tun_name}"),
+        # Answers on connections other hosts opened to us (an sshd session): see nft.py.
+        acc.format("-m conntrack --ctdir REPLY"),
     ]
     if config.proxy is not None:
         rules += [acc.format(f"-d {a} -p tcp --dport {config.proxy.port}") for a in proxies]
@@ -118,7 +120,8 @@ def _killswitch_rules(config: Config, family: int, proxies: Sequence[str],
         rules.append(acc.format("-p udp --sport 68 --dport 67"))
         rejected = "icmp-admin-prohibited"
     else:
-        rules.append(acc.format("-p udp --dport 547"))
+        # To the DHCP servers' group only, from the client port (see nft.py).
+        rules.append(acc.format("-d ff02::1:2 -p udp --sport 546 --dport 547"))
         rules += [acc.format(f"-p ipv6-icmp --icmpv6-type {t}") for t in _ND_TYPES6]
         rejected = "icmp6-adm-prohibited"
     rules += [

@@ -160,6 +160,15 @@ def _set_mark(mark: int) -> Stmt:
                 f"meta mark set {mark:#x}")
 
 
+def _ct_mark(mark: int) -> Stmt:
+    return _match(({"ct": {"key": "mark"}}, "ct mark"), mark, f"{mark:#x}")
+
+
+def _set_ct_mark(mark: int) -> Stmt:
+    return Stmt({"mangle": {"key": {"ct": {"key": "mark"}}, "value": mark}},
+                f"ct mark set {mark:#x}")
+
+
 def _port(protocol: str, fld: str, port: int) -> Stmt:
     return _match(_payload(protocol, fld), port, str(port))
 
@@ -301,9 +310,17 @@ def build_model(config: Config, proxy_ips: Sequence[str], dns_bypass: Sequence[s
     for family in families:
         # DNS over TCP to an allowed resolver goes direct, like DNS over UDP does.
         capture.append((_port("tcp", "dport", 53), _in_set(family, f"dns{family}"), _RETURN))
+    mark = config.capture_mark
     if select:
+        # The selection is made once per connection and held in its conntrack mark: after
+        # the app closes its socket the kernel still sends for it (queued data, the FIN,
+        # the ACK from TIME-WAIT) without an owner `meta skuid` or `socket cgroupv2` could
+        # match, and those packets would leave directly with the host's own address.
+        capture.append((_ct_mark(mark), _set_mark(mark), _RETURN))
         capture.append((_JUMP_SELECTION,))
-    capture.append((_set_mark(config.capture_mark),))
+        capture.append((_set_mark(mark), _set_ct_mark(mark)))
+    else:
+        capture.append((_set_mark(mark),))
 
     chains = []
     if select:
@@ -329,6 +346,10 @@ def _killswitch_rules(config: Config, select: bool = False) -> list[tuple[Stmt, 
         # shows the original device; killswitch_post makes sure they reach the TUN.
         (_mark(config.capture_mark), _ACCEPT),
         (_oifname(config.tun_name), _ACCEPT),
+        # Answers on connections other hosts opened to this one (an sshd session): the
+        # peer reached us at this address, so answering reveals nothing new; without it
+        # `up` over SSH cuts the session. The capture chain leaves them uncaptured too.
+        (_match(({"ct": {"key": "direction"}}, "ct direction"), "reply", "reply"), _ACCEPT),
     ]
     if select:
         # Unselected traffic is accepted there; selected traffic comes back to be held.
@@ -352,7 +373,10 @@ def _killswitch_rules(config: Config, select: bool = False) -> list[tuple[Stmt, 
         # DHCP must keep working or the lease (and the route to the proxy) expires.
         (_match(_meta("nfproto"), "ipv4", "ipv4"), _port("udp", "sport", 68),
          _port("udp", "dport", 67), _ACCEPT),
-        (_match(_meta("nfproto"), "ipv6", "ipv6"), _port("udp", "dport", 547), _ACCEPT),
+        # DHCPv6 only to the All_DHCP_Relay_Agents_and_Servers group (RFC 8415 §7.1)
+        # from the client port: "udp dport 547" alone let any process reach any host.
+        (_match(_payload("ip6", "daddr"), "ff02::1:2", "ff02::1:2"), _port("udp", "sport", 546),
+         _port("udp", "dport", 547), _ACCEPT),
         (_match(_payload("icmpv6", "type"), {"set": list(_ND_TYPES)},
                 "{ " + ", ".join(_ND_TYPES) + " }"), _ACCEPT),
         # A TCP reset makes blocked connections fail at once instead of timing out.

@@ -28,6 +28,7 @@ from topology import (
     ROUTER6_C,
     SERVER4,
     SERVER6,
+    TOOLS,
 )
 
 CLIENT_ADDRS = {ipaddress.ip_address(CLIENT4), ipaddress.ip_address(CLIENT6)}
@@ -111,6 +112,8 @@ attempt("udp4", lambda: udp("{SERVER4}", socket.AF_INET, 9999))
 attempt("udp6", lambda: udp("{SERVER6}", socket.AF_INET6, 9999))
 attempt("dns4_not_allowed", lambda: udp("{SERVER4}", socket.AF_INET, 53))
 attempt("dns6_not_allowed", lambda: udp("{SERVER6}", socket.AF_INET6, 53))
+# The DHCPv6 server port is open only towards the servers' multicast group.
+attempt("udp6_to_dhcpv6_port", lambda: udp("{SERVER6}", socket.AF_INET6, 547))
 print(json.dumps(results))
 """
 
@@ -202,3 +205,37 @@ def test_no_killswitch_lets_udp_out_but_tcp_still_uses_proxy(lab, backend):
     direct_tcp = [p for p in packets if p[2] == "TCP" and str(p[1]) == SERVER4]
     assert direct_tcp == []
     assert SERVER4 in lab.proxy_log_text()
+
+
+INBOUND = r"""
+import json, socket, sys
+out = {}
+for host in sys.argv[1:]:
+    try:
+        s = socket.create_connection((host, 9200), timeout=3)
+        s.sendall(b"ping" * 1000)
+        got = b""
+        while len(got) < 4000:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            got += chunk
+        out[host] = got == b"ping" * 1000
+    except OSError as exc:
+        out[host] = str(exc)
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_connections_from_outside_are_answered_with_the_killswitch_on(lab, backend):
+    """A service on this host (an sshd) keeps answering connections other hosts open to
+    it: `up` over SSH must not cut the session. Only answers pass, not new connections."""
+    lab.client.popen(PYTHON, TOOLS, "serve", "--port", "9200", "--bind", "::", "--mode", "echo")
+    lab.wait_port(lab.client, CLIENT4, 9200)
+    start_vpn_with(lab, backend)
+    result = lab.server.run(PYTHON, "-c", INBOUND, CLIENT4, CLIENT6, timeout=30)
+    assert json.loads(result.stdout) == {CLIENT4: True, CLIENT6: True}, result.stdout
+    escapes = json.loads(lab.client.run(PYTHON, "-c", ESCAPES).stdout)
+    assert all(value != "sent" for value in escapes.values()), escapes
+    assert lab.stop_vpn() == 0

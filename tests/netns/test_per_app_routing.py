@@ -98,6 +98,33 @@ def test_only_user_selected_proxied_other_direct_and_held_by_killswitch(lab):
         assert lab.stop_vpn() == 0
 
 
+CLOSE_EARLY_CLIENT = ("import socket,sys,time\n"
+                      "s=socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)\n"
+                      "s.sendall(b'x' * 100000); s.close(); print('closed', flush=True)\n"
+                      "time.sleep(8)\n")
+
+
+def test_a_selected_connection_stays_captured_after_its_socket_is_closed(lab):
+    """Once the app has closed its socket, the kernel still sends for it (queued data, the
+    FIN, the ACK of the peer's FIN from TIME-WAIT), but the packets no longer carry the
+    socket's owner, so `meta skuid` cannot select them: the connection's first decision
+    must hold (conntrack mark), or they leave directly with the host's own address."""
+    lab.start_server(port=9005)
+    with cgroup_base() as name:
+        start_vpn(lab, "--only-user", "nobody", "--exec-cgroup", name,
+                  "--half-close-delay", "0.5")
+        as_nobody = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
+        with capture(lab) as packets:
+            app = lab.client.popen(*as_nobody, "/usr/bin/python3", "-c", CLOSE_EARLY_CLIENT,
+                                   SERVER4, "9005")
+            assert app.stdout.readline().strip() == "closed"
+            time.sleep(4)  # our FIN reaches the closed socket, which ACKs it from TIME-WAIT
+        assert not [p for p in packets if 9005 in (p[2], p[3])], (
+            "a packet of the selected connection left directly", packets)
+        assert proxied(lab, 9005)
+        assert lab.stop_vpn() == 0
+
+
 def _set_ids(lab, set_name: str) -> set[int]:
     out = lab.client.run("nft", "-j", "list", "set", "inet", "proxyvpn", set_name).stdout
     for item in json.loads(out)["nftables"]:

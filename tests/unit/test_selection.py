@@ -235,7 +235,11 @@ def test_selection_chain_order_and_jumps():
     assert order == sorted(order)
     assert sel.rstrip().rstrip("}").rstrip().endswith("accept")  # --only-*: rest unselected
     capture = text[text.index("chain capture"):text.index("chain killswitch")]
-    assert capture.index("jump selection") < capture.index("meta mark set")
+    # A connection already captured stays so (conntrack mark) before selection is asked;
+    # what selection returns is marked, and the decision kept on the connection.
+    assert (capture.index("ct mark 0x7076 meta mark set 0x7076 return")
+            < capture.index("jump selection")
+            < capture.index("meta mark set 0x7076 ct mark set 0x7076"))
     ks = text[text.index("chain killswitch {"):text.index("chain killswitch_post")]
     assert ks.index("jump selection") < ks.index("reject with tcp reset")
     assert '"../../../sys/fs/cgroup/unified/system.slice"' in text
