@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from proxyvpn.config import Config, build_config, load_config_file, merge_settings
-from proxyvpn.errors import ProxyUnreachableError
+from proxyvpn.errors import ConfigError, ProxyUnreachableError, ProxyVpnError
 from proxyvpn.logs import register_secret
 
 log = logging.getLogger("proxyvpn")
@@ -90,6 +90,7 @@ def run_up(config: Config) -> int:
     from proxyvpn.system.apply import apply_plan
     from proxyvpn.system.cgroups import usable_cpus
     from proxyvpn.system.down import clean_stale
+    from proxyvpn.system.facts import resolve_proxy
     from proxyvpn.system.state import StateDir, resolve_state_dir
 
     assert config.proxy is not None
@@ -110,9 +111,19 @@ def run_up(config: Config) -> int:
     # back (applied is None) or the finally tears down.
     try:
         try:
+            # Reach the proxy before a crashed run's changes are undone: its killswitch
+            # lets the lookup and the probe through and, if either fails, stays in place
+            # -- fail closed; `proxyvpn down` is what reopens the host. The plan comes
+            # after the cleanup: its facts (which iptables tables exist) must not include
+            # what that run left.
+            try:
+                probe_proxy(resolve_proxy(config), config.proxy.port, config.connect_timeout)
+            except (ConfigError, ProxyUnreachableError) as exc:
+                if StateDir(state_dir).read() is None:
+                    raise
+                raise _with_stale_hint(exc) from None
             clean_stale(state_dir)
             plan = make_plan(config)
-            probe_proxy(plan.proxy_ips, config.proxy.port, config.connect_timeout)
             extra = {"proxy": config.proxy.display(), "tun": config.tun_name,
                      "killswitch": config.killswitch, "pid": os.getpid(),
                      # What `proxyvpn exec` must use; None: this instance has no exec rules.
@@ -120,9 +131,14 @@ def run_up(config: Config) -> int:
             applied = apply_plan(plan, state, extra)
         except BaseException:
             if applied is None and state.locked:
-                # Nothing is applied (or the rollback released the lock and kept the
-                # journal for `proxyvpn down`, which must then stay).
-                state.remove()
+                # Nothing of ours is applied (a rollback that failed has released the lock
+                # and kept its journal for `proxyvpn down`). A journal still here is a dead
+                # run's that was not undone -- the proxy was unreachable, say -- and `down`
+                # needs it: keep it, only let go of the lock.
+                if state.read() is not None:
+                    state.release()
+                else:
+                    state.remove()
             raise
         ready = (f"up: {config.tun_name} via {config.proxy.display()} (killswitch "
                  f"{'on' if config.killswitch else 'off'}); Ctrl+C or `proxyvpn down` to stop")
@@ -142,6 +158,14 @@ def run_up(config: Config) -> int:
             applied.teardown()
             log.info("down: everything proxyvpn changed is undone (%s)", stop_reason)
     return 0
+
+
+def _with_stale_hint(exc: ConfigError | ProxyUnreachableError) -> ProxyVpnError:
+    """The same error, saying that a dead run's killswitch still blocks the host."""
+    hint = " (the killswitch of a proxyvpn that died stays in place; `proxyvpn down` removes it)"
+    if isinstance(exc, ProxyUnreachableError):
+        return ProxyUnreachableError(exc.addresses, exc.cause + hint)
+    return ConfigError(f"{exc}{hint}")
 
 
 def _interrupt(signum: int, frame: Any) -> None:

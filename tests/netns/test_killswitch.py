@@ -193,6 +193,32 @@ def test_kill_9_stays_closed_and_down_restores_snapshot(lab, backend):
 
 
 @pytest.mark.parametrize("backend", ["libnftables", "iptables"])
+def test_up_after_a_crash_keeps_the_host_closed_while_the_proxy_is_down(lab, backend):
+    """Fail closed across restarts (systemd's Restart=): the next `up` reaches the proxy
+    before it undoes what the dead one left, so a proxy that is down leaves its killswitch
+    in place, with one line that says so; once the proxy is back, `up` takes over."""
+    before = lab.client.snapshot()
+    lab.start_server()
+    start_vpn_with(lab, backend)
+    lab.vpn.send_signal(signal.SIGKILL)
+    lab.vpn.wait(10)
+    lab.stop_proxy()
+    again = lab.proxyvpn(*lab.vpn_argv("--firewall-backend", backend,
+                                       "--connect-timeout", "2")[3:])
+    assert again.returncode != 0 and "killswitch of a proxyvpn that died" in again.stderr, (
+        again.stdout, again.stderr)
+    assert len(again.stderr.strip().splitlines()) == 1, again.stderr
+    escapes = json.loads(lab.client.run(PYTHON, "-c", ESCAPES).stdout)
+    assert all(value != "sent" for value in escapes.values()), escapes
+    assert not tcp_roundtrip(lab, SERVER4, timeout=2)["ok"]
+    lab.restart_proxy()
+    start_vpn_with(lab, backend)  # undoes the dead run's changes, then applies its own
+    assert tcp_roundtrip(lab, SERVER4)["ok"]
+    assert lab.stop_vpn() == 0
+    assert_same_snapshot(before, lab.client.snapshot())
+
+
+@pytest.mark.parametrize("backend", ["libnftables", "iptables"])
 def test_no_killswitch_lets_udp_out_but_tcp_still_uses_proxy(lab, backend):
     lab.start_server()
     start_vpn_with(lab, backend, "--no-killswitch")

@@ -428,6 +428,12 @@ def test_systemd_unit_holds_only_net_admin_and_uses_real_flags():
     assert lines["CapabilityBoundingSet"] == "CAP_NET_ADMIN"
     assert lines["AmbientCapabilities"] == "CAP_NET_ADMIN"
     assert lines["RuntimeDirectory"] == "proxyvpn"
+    # Fail closed: the journal outlives a crash, and only a clean stop runs `down`.
+    assert lines["RuntimeDirectoryPreserve"] == "yes"
+    stop_post = shlex.split(lines["ExecStopPost"])
+    assert stop_post[:2] == ["/bin/sh", "-c"]
+    assert stop_post[2].startswith('if [ "$$SERVICE_RESULT" = success ]; then exec '
+                                   "/usr/bin/proxyvpn down --state-dir /run/proxyvpn;")
     assert lines["LoadCredential"] == "password:/etc/proxyvpn/password"
     argv = shlex.split(lines["ExecStart"])
     assert argv[:2] == ["/usr/bin/proxyvpn", "up"]
