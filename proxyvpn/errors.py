@@ -75,3 +75,18 @@ class ProxyUnreachableError(ProxyVpnError):
 
 class ProxyProtocolError(ProxyVpnError):
     """The proxy sent bytes that are not a valid HTTP response to CONNECT."""
+
+
+class UntrustedStateError(ProxyVpnError):
+    """The state directory records something proxyvpn would not have written (a forged or
+    corrupted journal, a lock pid that is not proxyvpn): nothing was undone or signalled.
+
+    The directory belongs to the user who ran `up`, while `down` may run as root; so what
+    it says is checked against what proxyvpn can produce before anything is acted on.
+    """
+
+    def __init__(self, where: str, reason: str) -> None:
+        self.where = where
+        self.reason = reason
+        super().__init__(f"refusing to act on {where}: {reason} (nothing was undone or "
+                         "stopped; the files are left in place)")

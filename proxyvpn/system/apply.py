@@ -12,11 +12,12 @@ import errno
 import logging
 import os
 import signal
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from proxyvpn.errors import ApplyError
+from proxyvpn.errors import ApplyError, UntrustedStateError
 from proxyvpn.plan.build import Plan
+from proxyvpn.plan.journal import journal_ops
 from proxyvpn.plan.ops import (
     AddRoute,
     AddRule,
@@ -33,7 +34,6 @@ from proxyvpn.plan.ops import (
     Op,
     SetAddress,
     SetSysctl,
-    op_from_dict,
 )
 from proxyvpn.system import iptables, nft
 from proxyvpn.system.netlink import Netlink
@@ -156,22 +156,25 @@ def _undo(ops: Sequence[Op], executor: _Executor) -> list[str]:
     return errors
 
 
-def undo_ops(op_dicts: Iterable[dict[str, Any]]) -> list[str]:
-    """Undo recorded ops (state["applied"]) in reverse. "Already gone" is success; real
-    failures are returned as messages and do not stop the rest."""
-    ops: list[Op] = []
-    errors: list[str] = []
-    for data in op_dicts:
-        try:
-            ops.append(op_from_dict(data))
-        except (ValueError, TypeError) as exc:
-            errors.append(f"cannot undo recorded operation {data!r}: {exc}")
+def undo_ops(op_dicts: object, recorded_tun: object = None, *,
+             where: str = "the journal") -> list[str]:
+    """Undo recorded ops (state["applied"], for the TUN state["tun"]) in reverse.
+    "Already gone" is success; real failures are returned as messages and do not stop
+    the rest.
+
+    The journal's directory belongs to whoever ran `up` and this may run as root, so
+    every op is first checked against what the planner can produce (plan.journal): if
+    one is not, UntrustedStateError and nothing at all is undone.
+    """
+    try:
+        ops = journal_ops(op_dicts, recorded_tun)
+    except ValueError as exc:
+        raise UntrustedStateError(where, str(exc)) from None
     executor = _Executor()
     try:
-        errors += _undo(ops, executor)
+        return _undo(ops, executor)
     finally:
         executor.close()
-    return errors
 
 
 def _now() -> str:

@@ -8,28 +8,87 @@ says and nothing else. Running `down` again is harmless.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
 import time
 from pathlib import Path
 
-from proxyvpn.errors import AlreadyRunningError, PrivilegeError, ProxyVpnError
+from proxyvpn.errors import (
+    AlreadyRunningError,
+    PrivilegeError,
+    ProxyVpnError,
+    UntrustedStateError,
+)
 from proxyvpn.system.apply import undo_ops
 from proxyvpn.system.state import StateDir
 
 log = logging.getLogger("proxyvpn.system")
 
+PID_MAX_LIMIT = 4 * 1024 * 1024
+"""The kernel's upper bound on pids (PID_MAX_LIMIT on 64-bit)."""
+
 
 def _undo_journal(store: StateDir, state: dict) -> None:
     """Undo a dead instance's journal and delete it; ProxyVpnError if anything failed
     (the journal then stays, so a later `down` retries)."""
-    errors = undo_ops(state.get("applied", []))
+    # Checked before anything runs (UntrustedStateError): the journal may be forged.
+    _check_recorded_tun(store, state.get("tun"))
+    errors = undo_ops(state.get("applied", []), state.get("tun"), where=str(store.state_file))
     if errors:
         raise ProxyVpnError(
             f"could not undo everything recorded in {store.state_file}: "
             + "; ".join(errors) + " (the journal is kept; fix the cause and run `proxyvpn down` again)")
     store.discard_state()
+
+
+def _check_recorded_tun(store: StateDir, tun: object) -> None:
+    """Refuse a journal whose TUN names a link that is not a TUN (eth0, say): the undo
+    would delete that link, its addresses and routes. Ours is not persistent -- it went
+    away with the process that made it -- so normally there is no such link at all."""
+    if not isinstance(tun, str):
+        return  # journal_ops refuses what needs a TUN without one
+    from proxyvpn.system.netlink import Netlink
+
+    try:
+        with Netlink() as nl:
+            kind = nl.link_kind(tun)
+    except OSError:
+        return  # cannot tell; the other checks still hold
+    if kind is not None and kind != "tun":
+        raise UntrustedStateError(str(store.state_file),
+                                  f"its TUN {tun!r} is a {kind or 'physical'} link here")
+
+
+def _stop(store: StateDir, pid: int) -> None:
+    """SIGTERM `pid` if it is the proxyvpn holding our lock, else UntrustedStateError.
+
+    The pid comes from files the state dir's owner can write, and `down` may run as root:
+    unchecked, a forged pid would make root signal any process. A pidfd pins the process
+    from the check to the signal, so a pid reused in between cannot be hit either.
+    """
+    if pid > PID_MAX_LIMIT:
+        raise UntrustedStateError(str(store.lock_file), f"pid {pid} is not a process id")
+    try:
+        pidfd: int | None = os.pidfd_open(pid)
+    except OSError as exc:
+        if exc.errno != errno.ENOSYS:
+            raise  # ProcessLookupError: gone already
+        pidfd = None  # kernel < 5.3: check and kill(2), as close together as we can
+    try:
+        if not store.held_by(pid):
+            if store.holder_pid() is None:
+                return  # it exited (and let go of the lock) since we looked
+            raise UntrustedStateError(str(store.lock_file), f"pid {pid} does not hold this "
+                                      "lock as a proxyvpn process")
+        if pidfd is None:
+            os.kill(pid, signal.SIGTERM)
+        else:
+            signal.pidfd_send_signal(pidfd, signal.SIGTERM)
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
 
 
 def _wait_released(store: StateDir, timeout: float) -> bool:
@@ -52,7 +111,7 @@ def bring_down(state_dir: Path, *, timeout: float = 10.0) -> str:
         if pid <= 0:
             raise ProxyVpnError(f"the lock in {state_dir} is held but the holder's pid is unknown")
         try:
-            os.kill(pid, signal.SIGTERM)
+            _stop(store, pid)
         except ProcessLookupError:
             pass  # it exited between our lock test and the signal
         except PermissionError:

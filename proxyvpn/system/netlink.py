@@ -94,6 +94,18 @@ class Netlink:
         """Delete the link; OSError(ENODEV) when it does not exist."""
         self._ipr.link("del", index=self.index(name))
 
+    @_translate("link kind")
+    def link_kind(self, name: str) -> str | None:
+        """The link's IFLA_INFO_KIND ("tun", "veth", ...; "" for a physical NIC), or None
+        when there is no such link."""
+        found = self._ipr.link_lookup(ifname=name)
+        if not found:
+            return None
+        (link,) = self._ipr.get_links(found[0])
+        info = link.get_attr("IFLA_LINKINFO")
+        kind = info.get_attr("IFLA_INFO_KIND") if info is not None else None
+        return str(kind or "")
+
     @_translate("link dump")
     def link_names(self) -> frozenset[str]:
         """Names of all links in this namespace."""

@@ -92,6 +92,14 @@ def resolve_state_dir(config_state_dir: Path | None) -> Path:
         "XDG_RUNTIME_DIR is not set; pass --state-dir")
 
 
+def _process_name(proc: Path) -> str | None:
+    """/proc/PID/comm (readable by everyone), or None when the process is gone."""
+    try:
+        return (proc / "comm").read_text().strip()
+    except OSError:
+        return None
+
+
 class StateDir:
     """Lock and journal in one state directory (see the module docstring)."""
 
@@ -163,6 +171,39 @@ class StateDir:
         finally:
             os.close(fd)  # closing also drops the test lock if we got it
         return None
+
+    def held_by(self, pid: int) -> bool:
+        """Process `pid` is the proxyvpn holding our lock: it has this lock file open with
+        an flock on it (/proc/PID/fdinfo shows the locks of each descriptor).
+
+        The recorded pid is only text the directory's owner can write. Where the process's
+        descriptors are not ours to read (a setcap'd `up` is not dumpable, so its own user
+        cannot; another user's process) its name must be the "proxyvpn" that
+        privileges.confine_up gives it - the kernel then still refuses a signal we may not
+        send. Root can always read them, so root relies on the lock alone.
+        """
+        try:
+            ours = os.stat(self.lock_file, follow_symlinks=False)
+        except OSError:
+            return False
+        proc = Path("/proc", str(pid))
+        try:
+            fds = os.listdir(proc / "fd")
+        except PermissionError:
+            return _process_name(proc) == "proxyvpn"
+        except OSError:
+            return False  # gone
+        for fd in fds:
+            try:
+                st = os.stat(proc / "fd" / fd)
+                if (st.st_dev, st.st_ino) != (ours.st_dev, ours.st_ino):
+                    continue
+                info = (proc / "fdinfo" / fd).read_text()
+            except OSError:
+                continue  # closed meanwhile
+            if any(line.startswith("lock:") and " FLOCK " in line for line in info.splitlines()):
+                return True
+        return False
 
     def _recorded_pid(self) -> int | None:
         with contextlib.suppress(OSError, ValueError):

@@ -235,6 +235,27 @@ def test_down_stops_a_live_instance(ns, tmp_path):
     assert_same(before, ns.snapshot())
 
 
+def test_down_refuses_a_journal_whose_tun_is_another_kind_of_link(ns, tmp_path):
+    """The journal is the user's to write; one consistent with a "TUN" named like a real
+    link would have `down` delete that link. Ours dies with its process, so a link of that
+    name that is not a TUN means the journal lies: refused, nothing undone."""
+    ns.run("ip", "link", "add", "eth9", "type", "veth", "peer", "name", "eth9p")
+    ns.run("ip", "address", "add", "192.0.2.77/24", "dev", "eth9")
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    journal = {"version": 1, "pid": 999999, "tun": "eth9", "applied": [
+        {"kind": "CreateTun", "name": "eth9", "mtu": 1500},
+        {"kind": "SetAddress", "dev": "eth9", "cidr": "192.0.2.77/24"},
+    ]}
+    (state / "state.json").write_text(json.dumps(journal))
+    (state / "state.json").chmod(0o600)
+    result = ns.run("env", f"PYTHONPATH={REPO}", PY, "-m", "proxyvpn", "down", "--state-dir",
+                    str(state), check=False)
+    assert result.returncode != 0 and "is a veth link here" in result.stderr, result
+    assert "192.0.2.77/24" in text(ns, "ip", "address", "show", "dev", "eth9")
+    assert (state / "state.json").exists()
+
+
 # ---------------------------------------------------------------- (3) failures
 
 

@@ -13,16 +13,19 @@ from pathlib import Path
 
 import pytest
 
-from proxyvpn.errors import AlreadyRunningError, ConfigError
+from proxyvpn.errors import AlreadyRunningError, ConfigError, UntrustedStateError
 from proxyvpn.system.state import StateDir, resolve_state_dir
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def holder(path: Path) -> subprocess.Popen:
-    """Another process that takes the lock and waits for a line on stdin."""
+def holder(path: Path, name: str = "") -> subprocess.Popen:
+    """Another process that takes the lock and waits for a line on stdin (named `name` in
+    /proc/PID/comm if given, as privileges.set_process_name does)."""
     code = textwrap.dedent(f"""
         import sys
+        if {name!r}:
+            open("/proc/self/comm", "w").write({name!r})
         sys.path.insert(0, {str(REPO)!r})
         from pathlib import Path
         from proxyvpn.system.state import StateDir
@@ -162,3 +165,79 @@ def test_resolve_state_dir_falls_back_to_xdg(tmp_path, monkeypatch):
     monkeypatch.delenv("XDG_RUNTIME_DIR")
     with pytest.raises(ConfigError, match="--state-dir"):
         resolve_state_dir(None)
+
+
+# ---------------------------------------------------------------- who holds the lock
+
+
+def sleeper() -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+
+
+def test_held_by_is_the_process_holding_the_lock(tmp_path):
+    proc = holder(tmp_path)
+    other = sleeper()
+    try:
+        store = StateDir(tmp_path)
+        assert store.held_by(proc.pid)
+        assert not store.held_by(other.pid)
+        assert not store.held_by(os.getpid())
+    finally:
+        proc.stdin.close()
+        proc.wait(10)
+        other.kill()
+        other.wait(10)
+    assert not StateDir(tmp_path).held_by(proc.pid)  # gone
+
+
+def test_held_by_falls_back_to_the_name_when_fds_are_unreadable(tmp_path, monkeypatch):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    python, named = holder(tmp_path / "a"), holder(tmp_path / "b", name="proxyvpn")
+
+    def denied(path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    try:
+        monkeypatch.setattr(os, "listdir", denied)
+        assert not StateDir(tmp_path / "a").held_by(python.pid)  # a python, not a proxyvpn
+        assert StateDir(tmp_path / "b").held_by(named.pid)  # what confine_up names it
+    finally:
+        for proc in (python, named):
+            proc.stdin.close()
+            proc.wait(10)
+
+
+def test_down_does_not_signal_a_forged_pid(tmp_path):
+    from proxyvpn.system.down import bring_down
+
+    proc = holder(tmp_path)
+    victim = sleeper()
+    try:
+        # The directory's owner holds the lock and writes another process's pid in it.
+        (tmp_path / "lock").write_text(f"{victim.pid}\n")
+        with pytest.raises(UntrustedStateError, match=f"pid {victim.pid} does not hold"):
+            bring_down(tmp_path, timeout=1)
+        (tmp_path / "lock").write_text(f"{2**40}\n")
+        with pytest.raises(UntrustedStateError, match="not a process id"):
+            bring_down(tmp_path, timeout=1)
+        assert victim.poll() is None and proc.poll() is None
+        assert (tmp_path / "state.json").exists()
+    finally:
+        proc.stdin.close()
+        proc.wait(10)
+        victim.kill()
+        victim.wait(10)
+
+
+def test_down_stops_the_real_holder(tmp_path):
+    from proxyvpn.system.down import bring_down
+
+    proc = holder(tmp_path)
+    try:
+        assert bring_down(tmp_path, timeout=10) == f"stopped proxyvpn (pid {proc.pid})"
+        assert proc.wait(10) == -15  # SIGTERM
+        assert not (tmp_path / "state.json").exists()
+    finally:
+        proc.kill()
+        proc.wait(10)
