@@ -7,14 +7,17 @@ import sys
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from proxyvpn import __version__
 from proxyvpn.config import DEFAULT_EXEC_CGROUP, FIREWALL_BACKENDS, SELECTION_KEYS
 from proxyvpn.errors import ProxyVpnError
-from proxyvpn.logs import setup_logging
+from proxyvpn.logs import register_credentials, setup_logging
+
+if TYPE_CHECKING:
+    from proxyvpn.config import ProxySpec
 
 log = logging.getLogger("proxyvpn")
 
@@ -73,11 +76,28 @@ def _exec_cgroup_option(func: Callable[..., Any]) -> Callable[..., Any]:
 @click.group(cls=DefaultUpGroup, context_settings={"help_option_names": ["-h", "--help"],
                                                     "max_content_width": 100})
 @click.version_option(__version__, prog_name="proxyvpn")
-def main() -> None:
+@click.pass_context
+def main(ctx: click.Context) -> None:
     """Send every TCP connection of this host through an HTTP CONNECT proxy.
 
     `up` is the default command: `proxyvpn --proxy-url http://proxy:3128`.
     """
+    from proxyvpn.privileges import harden_process
+
+    # First, before any subcommand reads a password: no core dump, no ptrace by the
+    # same user. `exec`'s command is the user's: it keeps their core limit.
+    harden_process(limit_core=ctx.invoked_subcommand != "exec")
+
+
+def _forget_secrets(proxy: ProxySpec | None = None) -> None:
+    """Once the settings are read: redact the proxy credentials in logs, and remove
+    PROXYVPN_PASSWORD / PROXYVPN_PROXY_URL so that no child (nft, iptables, ip) gets them.
+    click has read the environment variables before the command's body runs."""
+    from proxyvpn.privileges import scrub_environ
+
+    if proxy is not None and proxy.credentials is not None:
+        register_credentials(*proxy.credentials)
+    scrub_environ()
 
 
 @main.command()
@@ -154,6 +174,7 @@ def up(config_file: Path | None, dry_run: bool, as_json: bool, verbose: bool | N
     setup_logging(bool(verbose))
     settings = cli_settings(flags, verbose)
     config = app.load_config(config_file, settings, dry_run=dry_run, json=as_json)
+    _forget_secrets(config.proxy)
     if dry_run:
         click.echo(app.dry_run(config))
         return
@@ -209,6 +230,7 @@ def down(state_dir: Path | None, verbose: bool | None) -> None:
     from proxyvpn import app
 
     setup_logging(bool(verbose))
+    _forget_secrets()  # `down` reads no secret: its children need none
     click.echo(app.run_down(state_dir))
 
 
@@ -222,6 +244,7 @@ def status(state_dir: Path | None, verbose: bool | None, as_json: bool) -> None:
     from proxyvpn import app
 
     setup_logging(bool(verbose))
+    _forget_secrets()
     text, running = app.status(state_dir, as_json=as_json)
     click.echo(text)
     sys.exit(0 if running else 3)
@@ -240,8 +263,11 @@ def status(state_dir: Path | None, verbose: bool | None, as_json: bool) -> None:
 def selftest(verbose: bool | None, **opts: Any) -> None:
     """Probe DNS (directly or through the proxy) and show the routing state."""
     from proxyvpn import selftest as st
+    from proxyvpn.config import parse_proxy_url
 
     setup_logging(bool(verbose))
+    # opts["proxy_url"] holds PROXYVPN_PROXY_URL already; the ip/nft children need neither.
+    _forget_secrets(parse_proxy_url(opts["proxy_url"]) if opts.get("proxy_url") else None)
     sys.exit(st.run(**opts))
 
 
@@ -254,6 +280,8 @@ def demo(verbose: bool | None, keep: bool) -> None:
     from proxyvpn import demo as demo_mod
 
     setup_logging(bool(verbose))
+    # The demo's own `up` is given its proxy; the caller's PROXYVPN_* must not reach it.
+    _forget_secrets()
     sys.exit(demo_mod.run(keep=keep, verbose=bool(verbose)))
 
 

@@ -170,7 +170,8 @@ def parse_proxy_url(url: str) -> ProxySpec:
         parts = urllib.parse.urlsplit(text)
         port = parts.port
     except ValueError as exc:
-        raise ConfigError(f"proxy URL {_mask(text)!r} is malformed: {exc}") from None
+        raise ConfigError(f"proxy URL {_mask(text)!r} is malformed: {_url_fault(exc)} "
+                          "(percent-encode / ? # [ ] in the user name or password)") from None
     scheme = parts.scheme.lower()
     if scheme not in DEFAULT_PORTS:
         raise ConfigError(
@@ -206,9 +207,31 @@ def validate_hostname(host: str) -> None:
         raise ConfigError(f"proxy host {host!r} is not a valid host name")
 
 
+_URL_FAULTS = (
+    ("Port could not", "the port is not a number"),
+    ("Port out of range", "the port is outside 0..65535"),
+    ("IPv4 or IPv6", "what is in [ ] does not appear to be an IPv4 or IPv6 address"),
+    ("IPv6", "unbalanced [ ] or text around an IPv6 address"),
+    ("NFKC", "the host holds characters that change under Unicode normalization"),
+)
+"""urllib's ValueError messages by a fixed part of them, and what we say instead."""
+
+
+def _url_fault(exc: ValueError) -> str:
+    """A fixed description of what urlsplit refused, never its message: that quotes the
+    part it choked on, and when the password holds a / ? or # (which end the host part
+    early) or brackets, that part is the password."""
+    message = str(exc)
+    return next((what for key, what in _URL_FAULTS if key in message), "it cannot be parsed")
+
+
 def _mask(url: str) -> str:
-    """Hide a password in a URL we are about to quote in an error message."""
+    """Hide a password in a URL we are about to quote in an error message: everything
+    between the user name's ":" and the last "@", with or without a scheme (a password
+    may hold an unencoded "@", and "user:pass@host" without http:// is a likely typo)."""
     scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
     if "@" not in rest:
         return url
     creds, _, hostpart = rest.rpartition("@")

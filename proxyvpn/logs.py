@@ -1,47 +1,113 @@
-"""Logging setup: stdlib logging, subsystem loggers, a per-flow adapter, secret redaction."""
+"""Logging setup: stdlib logging, subsystem loggers, a per-flow adapter, secret redaction.
+
+Redaction works on the final text of each line, as our handler's formatter produced it:
+the message, and the traceback and stack that follow it, are all covered. The handler
+sits on the root logger, so records of other libraries (asyncio's "Task exception was
+never retrieved", with its traceback) go through it too.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import re
 import sys
+import urllib.parse
 from collections.abc import MutableMapping
 from typing import Any
 
+from proxyvpn.relay.connect import encode_basic_credentials
+
+MIN_BARE_SECRET = 3
+"""A password shorter than this is not replaced wherever it occurs: "x" or "ab" would
+turn every word holding those letters into *** and make logs unreadable, and a password
+that short can be guessed anyway. Its credential forms (register_credentials) are
+replaced whatever its length, as is any scheme://user:password@ in a line."""
+
 _secrets: set[str] = set()
+_ordered: tuple[str, ...] = ()
+"""_secrets, longest first: "alice:hunter2" must go before "hunter2" leaves "alice:***"."""
+
+_URL_USERINFO = re.compile(r"(://[^:/@\s\[]*):.*@")
+"""The password of scheme://user:password@host, as privileges._URL_PASSWORD: greedy up
+to the last @ of the line, so that an unencoded @ in the password is covered too
+(over-redacting is the safe side). No [ in the user: http://[::1]:3128 has none."""
+
+
+def _add(value: str) -> None:
+    global _ordered
+    _secrets.add(value)
+    _ordered = tuple(sorted(_secrets, key=len, reverse=True))
 
 
 def register_secret(value: str | None) -> None:
     """Never let this string reach a log line (defence in depth: we also never log it)."""
-    if value and len(value) >= 3:
-        _secrets.add(value)
+    if value and len(value) >= MIN_BARE_SECRET:
+        _add(value)
+
+
+def register_credentials(user: str, password: str) -> None:
+    """The password (as register_secret), and the forms a user:password pair takes on
+    its way to the proxy, whatever the password's length: `user:password`, its
+    percent-encoded URL form, and the base64 token of the Proxy-Authorization field."""
+    if not password:
+        return  # a user name alone is no secret
+    register_secret(password)
+    for form in credential_forms(user, password):
+        _add(form)
+
+
+def credential_forms(user: str, password: str) -> set[str]:
+    """`user:password`, `user:password` percent-encoded, and the Basic token (pure)."""
+    pair = f"{user}:{password}"
+    forms = {pair, f"{urllib.parse.quote(user, safe='')}:{urllib.parse.quote(password, safe='')}"}
+    # Credentials the encoder refuses are never sent (and the configuration refused them).
+    with contextlib.suppress(ValueError):
+        forms.add(encode_basic_credentials(user, password).removeprefix("Basic "))
+    return forms
+
+
+def redact(text: str) -> str:
+    """`text` with every registered secret and every URL password replaced by ***."""
+    if "://" in text:
+        text = _URL_USERINFO.sub(r"\1:***@", text)
+    for secret in _ordered:
+        text = text.replace(secret, "***")
+    return text
+
+
+class RedactingFormatter(logging.Formatter):
+    """A Formatter whose whole output -- message, exception text, stack -- is redacted."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(super().format(record))
 
 
 class RedactSecrets(logging.Filter):
-    """Replaces registered secrets in every record with ***."""
+    """Replaces registered secrets in the message of every record with ***, so that a
+    handler after ours (one a test or an embedding program adds) sees it redacted too.
+    Tracebacks are redacted by RedactingFormatter, which writes the line."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if _secrets:
-            message = record.getMessage()
-            if any(secret in message for secret in _secrets):
-                for secret in _secrets:
-                    message = message.replace(secret, "***")
-                record.msg, record.args = message, ()
+        message = record.getMessage()
+        redacted = redact(message)
+        if redacted != message:
+            record.msg, record.args = redacted, ()
         return True
 
 
 def setup_logging(verbose: bool) -> None:
-    """One stderr handler on the "proxyvpn" logger; -v shows DEBUG."""
-    root = logging.getLogger("proxyvpn")
-    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    """One stderr handler on the root logger; -v shows DEBUG of the "proxyvpn" loggers."""
+    logging.getLogger("proxyvpn").setLevel(logging.DEBUG if verbose else logging.INFO)
+    root = logging.getLogger()
     if any(getattr(h, "_proxyvpn", False) for h in root.handlers):
         return
     handler = logging.StreamHandler(sys.stderr)
     handler._proxyvpn = True  # type: ignore[attr-defined]
     fmt = "%(asctime)s %(name)s %(levelname)s: %(message)s" if verbose else "proxyvpn: %(message)s"
-    handler.setFormatter(logging.Formatter(fmt))
+    handler.setFormatter(RedactingFormatter(fmt))
     handler.addFilter(RedactSecrets())
     root.addHandler(handler)
-    root.propagate = False
 
 
 class FlowLogger(logging.LoggerAdapter):

@@ -29,6 +29,7 @@ import ctypes.util
 import logging
 import os
 import re
+import resource
 import shlex
 import shutil
 import signal
@@ -304,6 +305,27 @@ def set_process_name(name: str = "proxyvpn", *, title: str | None = None) -> Non
     prctl.set_name(name[:15])
     if title is not None:
         prctl.set_proctitle(title)
+
+
+def harden_process(*, limit_core: bool = True) -> None:
+    """Keep the password in our memory away from other processes of the same user.
+
+    Started through the launcher, proxyvpn is an ordinary process of the user who ran
+    it: anything else running as that user could make it dump core (kill -SEGV) and
+    read the password from the core file. Not dumpable, the kernel writes no core, and
+    ptrace, /proc/PID/mem and /proc/PID/environ need CAP_SYS_PTRACE. Our /proc/self
+    files then belong to root: reading the 0444 ones (status, cgroup, mounts) and our own
+    /proc/self/fd still works, and nothing in proxyvpn writes to /proc/self.
+
+    execve() makes a program dumpable again, so children (nft, the command of `proxyvpn
+    exec`) are unaffected. RLIMIT_CORE 0, soft and hard, is the second lock: a change
+    of credentials would reset dumpability to fs.suid_dumpable, and core handlers such as
+    systemd-coredump honour the limit. Children inherit the limit, which is why `exec`,
+    whose command is the user's own, passes limit_core=False.
+    """
+    prctl.set_dumpable(False)
+    if limit_core:
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
 
 def scrub_environ() -> None:

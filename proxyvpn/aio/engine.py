@@ -17,6 +17,7 @@ import os
 import secrets
 import signal
 import socket
+import stat
 import time
 from collections import Counter
 from pathlib import Path
@@ -25,7 +26,7 @@ from typing import Any
 from proxyvpn.aio.busypoll import BULK_BYTES, BusyPollSelector
 from proxyvpn.aio.flow import Flow
 from proxyvpn.config import Config
-from proxyvpn.errors import ProxyError, ProxyVpnError
+from proxyvpn.errors import ConfigError, ProxyError, ProxyVpnError
 from proxyvpn.netstack import fast
 from proxyvpn.netstack.tcp import TS_OPTION_LEN, TcpConnection, TcpParams, TcpState, reset_for
 from proxyvpn.netstack.wire import strip_vnet
@@ -379,8 +380,7 @@ def _open_pcap(path: Path, vnet: bool = False) -> Any:
     sees what the kernel on the other side sees."""
     import dpkt
 
-    fh = open(path, "wb")  # noqa: SIM115 (closed in Engine.stop)
-    os.chmod(path, 0o600)
+    fh = os.fdopen(_create_private(path), "wb")  # closed in Engine.stop
     writer = dpkt.pcap.Writer(fh, snaplen=65535, linktype=dpkt.pcap.DLT_RAW)
 
     class _Pcap:
@@ -393,6 +393,62 @@ def _open_pcap(path: Path, vnet: bool = False) -> Any:
             writer.close()
 
     return _Pcap()
+
+
+_PRIVATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _create_private(path: Path) -> int:
+    """A descriptor of `path` truncated and mode 0600 before the first byte is written:
+    a capture holds the plaintext of every captured connection.
+
+    os.open with mode 0600 (never the umask's 0644), not through a symbolic link (one
+    planted in /tmp must not redirect a capture written by a root `up`), and checked on
+    the descriptor, not the path, so a swapped entry cannot redirect the chmod.
+    ConfigError, one line, for anything else.
+    """
+    fd = _open_private(path, _PRIVATE_FLAGS)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid():
+            # A device (/dev/null) must not be chmod-ed; a file of another user stays
+            # theirs to read whatever mode we set.
+            raise ConfigError(f"--pcap {path}: not a regular file of this user")
+        if info.st_mode & 0o077:
+            # Readable by others until now, so someone may hold it open: a chmod does not
+            # take their descriptor away. Write a new file instead of reusing this one.
+            os.close(fd)
+            fd = -1
+            _unlink_private(path)
+            fd = _open_private(path, _PRIVATE_FLAGS | os.O_EXCL)
+        # An existing file keeps its old mode through open(); truncate only now that it
+        # is known to be ours.
+        os.fchmod(fd, 0o600)
+        os.ftruncate(fd, 0)
+    except BaseException:
+        if fd >= 0:
+            os.close(fd)
+        raise
+    return fd
+
+
+def _open_private(path: Path, flags: int) -> int:
+    try:
+        return os.open(path, flags, 0o600)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ConfigError(f"--pcap {path}: is a symbolic link; give the real path") from None
+        raise ConfigError(f"--pcap {path}: {exc.strerror or exc}") from None
+
+
+def _unlink_private(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise ConfigError(f"--pcap {path}: readable by other users and cannot be replaced: "
+                          f"{exc.strerror or exc}") from None
 
 
 async def run_engine(config: Config, plan: Any, tun: Any, state_dir: Path,

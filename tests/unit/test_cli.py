@@ -13,6 +13,19 @@ REFERENCE_FLAGS = ["--proxy-url", "--proxy-host", "--proxy-port", "--username", 
                    "--keep-logs", "--config", "--exclude", "--mtu", "--json"]
 
 
+@pytest.fixture(autouse=True)
+def hardened(monkeypatch):
+    """harden_process calls, recorded instead of made: CliRunner runs the CLI inside
+    pytest, which should stay dumpable and keep its core limit (test_privileges checks
+    the real thing in child processes)."""
+    from proxyvpn import privileges
+
+    calls: list[bool] = []
+    monkeypatch.setattr(privileges, "harden_process",
+                        lambda *, limit_core=True: calls.append(limit_core))
+    return calls
+
+
 def run(*args: str, env: dict | None = None):
     return CliRunner().invoke(main, list(args), env=env, catch_exceptions=False)
 
@@ -159,3 +172,19 @@ def test_exec_refuses_an_up_that_would_not_select_it(tmp_path, state, args, mess
     finally:
         store.release()
     assert result.exit_code == 2 and message in result.output, result.output
+
+
+@pytest.mark.parametrize(("args", "limit_core"), [
+    (["up", "--dry-run", "--proxy-url", "http://192.0.2.10:3128"], True),
+    (["--dry-run", "--proxy-url", "http://192.0.2.10:3128"], True),
+    (["status", "--state-dir", "/nonexistent/pv-unit"], True),
+    (["exec", "--state-dir", "/nonexistent/pv-unit", "--", "true"], False),
+])
+def test_every_subcommand_hardens_the_process_first(monkeypatch, hardened, args, limit_core):
+    _fake_host(monkeypatch)
+    CliRunner().invoke(main, args)
+    assert hardened == [limit_core]
+
+
+def test_help_does_not_harden(hardened):
+    assert run("--help").exit_code == 0 and hardened == []

@@ -70,6 +70,46 @@ def test_error_never_shows_password():
     assert "topsecret" not in str(info.value)
 
 
+PASSWORD_HEAD, PASSWORD_TAIL = "Sekr1tHead", "Tail9Sekr1t"
+"""Both halves of a password split by a special character: neither may show in an error
+(the part before a / ? # is what urllib quotes when it fails on the "port")."""
+
+
+@pytest.mark.parametrize("special", ["?", "/", "#", "@", ":", "[", "]", "%", " ", "?/#@:", "1/"])
+@pytest.mark.parametrize("template", [
+    "http://alice:{pw}@proxy.example:3128",   # the auditor's case with ?, / or #
+    "http://alice:{pw}@proxy.example:99999",  # a port out of range
+    "http://alice:{pw}@proxy.example:abc",    # a port that is no number
+    "http://alice:{pw}@proxy.example:3128/x",  # a path
+    "http://alice:{pw}@pro xy:3128",          # a bad host
+    "http://alice:{pw}@[not-an-ip]:3128",     # a bad IPv6 literal
+    "http://alice:{pw}@",                     # no host
+    "alice:{pw}@proxy.example:3128",          # no scheme
+    "socks5://alice:{pw}@proxy.example:1080",  # unsupported scheme
+    " http://alice:{pw}@proxy.example:3128 ",
+])
+def test_no_url_error_shows_any_part_of_the_password(template, special):
+    password = f"{PASSWORD_HEAD}{special}{PASSWORD_TAIL}"
+    url = template.format(pw=password)
+    try:
+        spec = parse_proxy_url(url)
+    except ConfigError as exc:
+        message = str(exc)
+        assert PASSWORD_HEAD not in message and PASSWORD_TAIL not in message, message
+        assert "\n" not in message
+    else:  # only a password urllib splits correctly may parse
+        assert spec.password == password
+
+
+def test_auditor_url_says_what_is_wrong_without_the_password():
+    with pytest.raises(ConfigError) as info:
+        parse_proxy_url("http://alice:hunter2?x@proxy.example:3128")
+    message = str(info.value)
+    assert "hunter2" not in message
+    assert "alice:***@proxy.example:3128" in message and "port is not a number" in message
+    assert "percent-encode" in message
+
+
 def test_display_masks_password_and_repr_hides_it():
     spec = parse_proxy_url("http://alice:topsecret@[::1]:3128")
     assert spec.display() == "http://alice:***@[::1]:3128"

@@ -507,3 +507,127 @@ def test_install_sh_prints_the_exact_install_line_for_what_is_missing(tmp_path, 
         *lines,
     ]
     assert result.stdout == "" and not (tmp_path / "out").exists()  # checked before building
+
+
+# ---------------------------------------------------------------- harden_process, secrets
+
+
+def _cli_child(argv: list[str], patch: str, env: dict[str, str] | None = None,
+               **kwargs) -> subprocess.CompletedProcess:
+    """`python -m proxyvpn ARGV` in a child, with `patch` (Python) run first to replace the
+    subcommand's work by a report of the process state it would run in."""
+    code = ("import os, resource, subprocess, sys, prctl\n"
+            "from proxyvpn import app, cli, logs, selftest\n"
+            f"{textwrap.dedent(patch)}\n"
+            "cli.main(sys.argv[1:], prog_name='proxyvpn')\n")
+    return subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True,
+                          timeout=60, env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})},
+                          **kwargs)
+
+
+SECRET_ENVIRONMENT = {"PROXYVPN_PASSWORD": "hunter2-Sekr1t",
+                      "PROXYVPN_PROXY_URL": "http://alice:hunter2-Sekr1t@192.0.2.10:3128"}
+
+REPORT = ("def report(*args, **kwargs):\n"
+          "    child_env = subprocess.run(['env'], capture_output=True, text=True).stdout\n"
+          "    print('dumpable', int(prctl.get_dumpable()))\n"
+          "    print('core', *resource.getrlimit(resource.RLIMIT_CORE))\n"
+          "    print('child-secrets', sorted(k for k in child_env.split() if 'hunter2' in k))\n"
+          "    print('kwargs', sorted(kwargs.items()))\n"
+          "    return ''\n")
+
+
+def test_harden_process_makes_no_core_and_no_dumpable():
+    result = subprocess.run(
+        [sys.executable, "-c", "import prctl, resource\nfrom proxyvpn import privileges\n"
+         "privileges.harden_process()\n"
+         "print(int(prctl.get_dumpable()), *resource.getrlimit(resource.RLIMIT_CORE))"],
+        capture_output=True, text=True, timeout=30, env={**os.environ, "PYTHONPATH": str(REPO)},
+        preexec_fn=lambda: resource_core(1 << 20))
+    assert result.stdout.split() == ["0", "0", "0"], result.stderr
+
+
+def resource_core(limit: int) -> None:
+    """preexec_fn: start the child with a core limit it could dump with."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_CORE)
+    new = limit if hard == resource.RLIM_INFINITY else min(limit, hard)
+    resource.setrlimit(resource.RLIMIT_CORE, (new, hard))
+
+
+@pytest.mark.parametrize("argv", [["down", "--state-dir", "/nonexistent/pv-unit"],
+                                  ["status", "--state-dir", "/nonexistent/pv-unit"]])
+def test_down_and_status_are_hardened_and_their_children_get_no_secret(argv):
+    patch = REPORT + "app.run_down = report\napp.status = lambda *a, **k: (report(), True)\n"
+    result = _cli_child(argv, patch, env=SECRET_ENVIRONMENT)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert "dumpable 0" in lines and "core 0 0" in lines
+    assert "child-secrets []" in lines
+
+
+def test_selftest_reads_the_env_url_then_hides_it_from_children():
+    patch = REPORT + "selftest.run = lambda **opts: report(**opts) or 0\n"
+    result = _cli_child(["selftest", "--no-ip"], patch, env=SECRET_ENVIRONMENT)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert "dumpable 0" in lines and "core 0 0" in lines and "child-secrets []" in lines
+    # click handed the URL over before the environment was scrubbed.
+    assert SECRET_ENVIRONMENT["PROXYVPN_PROXY_URL"] in next(
+        line for line in lines if line.startswith("kwargs"))
+
+
+def test_up_dry_run_registers_the_credentials_and_scrubs_the_environment():
+    patch = ("def dry_run(config):\n"
+             "    from proxyvpn.relay.connect import encode_basic_credentials\n"
+             "    print(sorted(k for k in os.environ if k.startswith('PROXYVPN_PASSWORD')))\n"
+             "    print(logs.redact(encode_basic_credentials('alice', 'x')))\n"
+             "    print(int(prctl.get_dumpable()))\n"
+             "    return ''\n"
+             "app.dry_run = dry_run\n")
+    result = _cli_child(["up", "--dry-run", "--proxy-url", "http://alice@192.0.2.10:3128"],
+                        patch, env={"PROXYVPN_PASSWORD": "x"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[:3] == ["[]", "Basic ***", "0"]
+
+
+def test_exec_is_hardened_but_keeps_the_users_core_limit():
+    patch = REPORT + "app.run_exec = report\n"
+    result = _cli_child(["exec", "--", "true"], patch, preexec_fn=lambda: resource_core(1 << 20))
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert "dumpable 0" in lines
+    core = next(line for line in lines if line.startswith("core ")).split()
+    assert core[1] != "0"
+
+
+@needs_root
+def test_hardened_process_of_an_ordinary_user_still_uses_proc_self(tmp_path):
+    """Not dumpable, our /proc/self files belong to root: what proxyvpn reads there, and
+    its own descriptors (libnftables opens /proc/self/fd/N; subprocess lists
+    /proc/self/fd) must keep working for a setcap'd, non-root process."""
+    code = textwrap.dedent("""
+        import os, subprocess, threading
+        from proxyvpn import privileges
+        from proxyvpn.system import cgroups
+        os.setgroups([]); os.setgid(65534); os.setuid(65534)
+        privileges.harden_process()
+        privileges.read_caps()
+        privileges.read_caps("self", threading.get_native_id())
+        open("/proc/self/cgroup").read(); open("/proc/self/mounts").read()
+        cgroups.own_cgroup()
+        r, w = os.pipe()
+        os.write(w, b"ok")
+        assert str(r) in os.listdir("/proc/self/fd")
+        with open(f"/proc/self/fd/{r}", "rb", buffering=0) as fh:
+            assert fh.read(2) == b"ok"
+        assert subprocess.run(["true"], close_fds=True).returncode == 0
+        try:
+            open("/proc/self/environ").read()
+        except PermissionError:
+            print("environ-closed")
+        print("ok")
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=30, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.stdout.split() == ["environ-closed", "ok"], result.stderr
