@@ -150,6 +150,15 @@ def run_up(config: Config) -> int:
         if applied is None:
             raise
         stop_reason = "interrupted"
+    except Exception:
+        if applied is not None and config.killswitch:
+            # A crash, not a stop: fail closed, as after kill -9 (DESIGN). Under systemd
+            # the restart takes over; by hand, `proxyvpn down` reopens the host.
+            applied.abandon()
+            applied = None
+            log.error("proxyvpn failed (below); the killswitch stays in place: "
+                      "`proxyvpn down` removes it")
+        raise
     finally:
         if applied is not None:
             # Signals during teardown must not leave it half done.

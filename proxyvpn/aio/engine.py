@@ -8,6 +8,7 @@ pending segments into packets, writes them in one batch and re-arms the one time
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import gc
 import heapq
@@ -471,16 +472,25 @@ async def run_engine(config: Config, plan: Any, tun: Any, state_dir: Path,
             signal.Signals(s).name))
     engine.start()
     stats_path = state_dir / "stats.json"
+    stats_failed = False
     try:
         while not stopped.done():
-            _write_stats(stats_path, engine.snapshot_stats())
+            try:
+                _write_stats(stats_path, engine.snapshot_stats())
+            except OSError as exc:
+                # `status` loses its counters (a full /run, say); the data path must not.
+                if not stats_failed:
+                    log.warning("cannot write %s: %s (status shows no counters)",
+                                stats_path, exc.strerror or exc)
+                stats_failed = True
             await asyncio.wait([stopped], timeout=1.0)
     finally:
         engine.stop()
         for signum, handler in previous.items():
             loop.remove_signal_handler(signum)
             signal.signal(signum, handler)
-        stats_path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # whatever is there now is not worth a crash
+            stats_path.unlink(missing_ok=True)
     return stopped.result()
 
 

@@ -197,6 +197,19 @@ class Applied:
         """The TUN handle opened by the plan's CreateTun (None if the plan had none)."""
         return next(iter(self._executor.tuns.values()), None)
 
+    def abandon(self) -> None:
+        """Leave everything applied, as a crash would, except the TUN (it goes with its
+        fd): the killswitch keeps blocking, the journal stays for `proxyvpn down` or the
+        next `up`, and the lock is let go. Idempotent."""
+        if self._torn_down:
+            return
+        self._torn_down = True
+        for handle in self._executor.tuns.values():
+            handle.close()
+        self._executor.tuns.clear()
+        self._executor.close()
+        self.state.release()
+
     def teardown(self) -> list[str]:
         """Undo everything in reverse order, then remove the journal (kept as
         state.last.json with keep_logs). Idempotent. Returns undo failures; with any, the

@@ -178,6 +178,18 @@ def test_proxy_403_refuses_fast(lab):
     assert "proxy refused: 403" in lab.vpn_log()
 
 
+def test_a_stats_file_that_cannot_be_written_does_not_stop_the_data_path(lab):
+    lab.start_server()
+    lab.start_vpn()
+    assert until(lambda: (lab.vpn_state / "stats.json").is_file())
+    (lab.vpn_state / "stats.json").unlink()
+    (lab.vpn_state / "stats.json").mkdir()  # the next os.replace() onto it fails
+    assert until(lambda: "status shows no counters" in lab.vpn_log()), lab.vpn_log()
+    client_json(lab, "--host", SERVER4, "--up", str(MB), "--down", str(MB))
+    assert lab.stop_vpn() == 0
+    assert "down: everything proxyvpn changed is undone" in lab.vpn_log()
+
+
 PORT_ZERO_CLIENT = r"""
 import errno, json, socket, sys, time
 s = socket.socket()

@@ -218,6 +218,43 @@ def test_up_after_a_crash_keeps_the_host_closed_while_the_proxy_is_down(lab, bac
     assert_same_snapshot(before, lab.client.snapshot())
 
 
+FAILING_UP = r"""
+import sys
+from proxyvpn.aio import engine
+calls = [0]
+real = engine.Engine.snapshot_stats
+def failing(self):  # the stats loop asks once a second: the third time, a bug strikes
+    calls[0] += 1
+    if calls[0] == 3:
+        raise RuntimeError("injected engine failure")
+    return real(self)
+engine.Engine.snapshot_stats = failing
+from proxyvpn.cli import main
+sys.argv = ["proxyvpn", *sys.argv[1:]]
+main()
+"""
+
+
+def test_an_internal_error_fails_closed_like_kill_9(lab):
+    """A bug that ends `up` is a crash, not a stop: the killswitch stays (the TUN goes
+    with the process) until `proxyvpn down`, which then restores the host exactly."""
+    before = lab.client.snapshot()
+    lab.start_server()
+    vpn = lab.start_vpn(argv=[PYTHON, "-c", FAILING_UP, *lab.vpn_argv()[3:]])
+    assert vpn.wait(15) == 1
+    log = lab.vpn_log()
+    assert "injected engine failure" in log and "the killswitch stays in place" in log, log
+    assert "down: everything proxyvpn changed is undone" not in log
+    assert (lab.vpn_state / "state.json").exists()
+    escapes = json.loads(lab.client.run(PYTHON, "-c", ESCAPES).stdout)
+    assert all(value != "sent" for value in escapes.values()), escapes
+    assert not tcp_roundtrip(lab, SERVER4, timeout=2)["ok"]
+    result = lab.proxyvpn("down", "--state-dir", str(lab.vpn_state))
+    assert result.returncode == 0, result.stderr
+    assert_same_snapshot(before, lab.client.snapshot())
+    assert tcp_roundtrip(lab, SERVER4)["ok"]
+
+
 @pytest.mark.parametrize("backend", ["libnftables", "iptables"])
 def test_no_killswitch_lets_udp_out_but_tcp_still_uses_proxy(lab, backend):
     lab.start_server()
