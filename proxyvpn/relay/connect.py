@@ -225,6 +225,7 @@ class ConnectResponseParser:
         # the limit so an endless stream of 100 Continue cannot pin us.
         self._consumed = 0
         self._done = False
+        self._status_ok = False  # the current response's status line was checked
 
     @property
     def done(self) -> bool:
@@ -244,6 +245,7 @@ class ConnectResponseParser:
         while True:
             end = self._find_end_of_head()
             if end is None:
+                self._check_status_line()
                 if self._consumed + len(self._buf) > self._max:
                     raise ProxyProtocolError(
                         f"proxy response header block exceeds {self._max} bytes"
@@ -260,10 +262,28 @@ class ConnectResponseParser:
                 self._consumed += end
                 self._buf = bytearray(rest)
                 self._scan_from = 0
+                self._status_ok = False
                 continue
             self._done = True
             self._buf = bytearray()
             return ConnectResponse(status=status, reason=reason, headers=headers, leftover=rest)
+
+    def _check_status_line(self) -> None:
+        """Refuse a response that cannot be HTTP as soon as that shows, not only once a
+        blank line comes: a server that speaks something else (an SSH banner on the
+        proxy port) would otherwise hold the connection until the dial timeout."""
+        if self._status_ok:
+            return
+        buf = self._buf
+        newline = buf.find(b"\n")
+        if newline < 0:
+            start = bytes(buf[:5])
+            if start != b"HTTP/"[:len(start)]:
+                raise ProxyProtocolError(f"proxy did not answer in HTTP: {_show(bytes(buf))}")
+            return
+        line = bytes(buf[:newline])
+        _parse_status_line(line[:-1] if line.endswith(b"\r") else line)
+        self._status_ok = True
 
     def _find_end_of_head(self) -> int | None:
         """Index just past the empty line ending the head, or None if not yet seen."""

@@ -383,3 +383,23 @@ def test_endless_interim_responses_hit_the_limit() -> None:
 def test_custom_limit() -> None:
     with pytest.raises(ProxyProtocolError):
         ConnectResponseParser(max_header_bytes=16).feed(b"HTTP/1.1 200 OK\r\n")
+
+
+@pytest.mark.parametrize("first", [b"SSH-2.0-OpenSSH_9.6\r\n", b"X", b"HTTP/1.1 2000 OK\r\n",
+                                   b"HTTP/2 200\n", b"\x16\x03\x01\x02\x00"])
+def test_a_response_that_cannot_be_http_fails_before_any_blank_line(first):
+    """Not only once the head is complete: a server speaking something else would leave
+    the dial waiting for a blank line until its timeout."""
+    with pytest.raises(ProxyProtocolError):
+        ConnectResponseParser().feed(first)
+
+
+def test_early_check_accepts_a_status_line_split_anywhere_and_interim_responses():
+    wire = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 Connection established\r\n\r\ndata"
+    for cut in range(1, len(wire)):
+        parser = ConnectResponseParser()
+        assert parser.feed(wire[:cut]) is None or cut >= wire.index(b"data")
+        if not parser.done:
+            response = parser.feed(wire[cut:])
+            assert response is not None and response.status == 200
+            assert response.leftover == b"data"
