@@ -119,7 +119,7 @@ def run_up(config: Config) -> int:
             try:
                 probe_proxy(resolve_proxy(config), config.proxy.port, config.connect_timeout)
             except (ConfigError, ProxyUnreachableError) as exc:
-                if StateDir(state_dir).read() is None:
+                if state.read() is None:
                     raise
                 raise _with_stale_hint(exc) from None
             clean_stale(state_dir)

@@ -108,8 +108,8 @@ def _check_nft(op: LoadNftTable, tun: str | None) -> str | None:
 
 
 def _check_iptables(op: LoadIptables, tun: str | None) -> str | None:
-    if op.family not in (4, 6) or isinstance(op.family, bool):
-        return f"family {_show(op.family)} is not 4 or 6"
+    if reason := _check_family(op.family):
+        return reason
     if not (_str_items(op.chains) and _str_items(op.jumps) and _str_items(op.new_tables)):
         return "chains, jumps and new tables must be lists of names"
     if not op.chains or not set(op.chains) <= OWN_CHAINS:
@@ -169,17 +169,23 @@ def _check_table(table: object) -> str | None:
     return None
 
 
+def _check_family(family: object) -> str | None:
+    if family not in (4, 6) or isinstance(family, bool):
+        return f"family {_show(family)} is not 4 or 6"
+    return None
+
+
 def _check_route(op: AddRoute, tun: str | None) -> str | None:
-    if op.family not in (4, 6) or isinstance(op.family, bool):
-        return f"family {_show(op.family)} is not 4 or 6"
+    if reason := _check_family(op.family):
+        return reason
     if op.dst != "default":
         return f"route {_show(op.dst)} is not the default route"
     return _check_table(op.table) or _check_dev(op.dev, tun)
 
 
 def _check_rule(op: AddRule, tun: str | None) -> str | None:
-    if op.family not in (4, 6) or isinstance(op.family, bool):
-        return f"family {_show(op.family)} is not 4 or 6"
+    if reason := _check_family(op.family):
+        return reason
     if not _is_int(op.fwmark, MARK_RANGE):
         return f"fwmark {_show(op.fwmark)} is not one proxyvpn may use"
     if not _is_int(op.priority, PRIORITY_RANGE) or op.priority in KERNEL_PRIORITIES:

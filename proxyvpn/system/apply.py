@@ -204,11 +204,15 @@ class Applied:
         if self._torn_down:
             return
         self._torn_down = True
+        self._close()
+        self.state.release()
+
+    def _close(self) -> None:
+        """Close the TUN (the kernel then deletes it) and the executor's sockets."""
         for handle in self._executor.tuns.values():
             handle.close()
         self._executor.tuns.clear()
         self._executor.close()
-        self.state.release()
 
     def teardown(self) -> list[str]:
         """Undo everything in reverse order, then remove the journal (kept as
@@ -220,10 +224,7 @@ class Applied:
         try:
             errors = _undo(self.ops, self._executor)
         finally:
-            for handle in self._executor.tuns.values():
-                handle.close()
-            self._executor.tuns.clear()
-            self._executor.close()
+            self._close()
         if errors:
             log.error("teardown incomplete (%d errors); the journal stays in %s: run "
                       "`proxyvpn down` to retry", len(errors), self.state.path)
