@@ -139,6 +139,10 @@ class BenchLab(Lab):
                 counters["retrans_segs"] = int(table.get("RetransSegs", 0))
             elif prefix == "TcpExt":
                 counters["rto_timeouts"] = int(table.get("TCPTimeouts", 0))
+                # Which kind of retransmission: a tail-loss probe fires when ACKs pause
+                # for ~2 RTTs (no loss needed); a fast retransmit follows duplicate ACKs.
+                counters["loss_probes"] = int(table.get("TCPLossProbes", 0))
+                counters["fast_retrans"] = int(table.get("TCPFastRetrans", 0))
         if tun.strip():
             counters["tun_tx_dropped"] = int(tun.split()[0])
         return counters

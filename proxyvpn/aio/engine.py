@@ -15,7 +15,6 @@ import heapq
 import json
 import logging
 import os
-import secrets
 import signal
 import socket
 import stat
@@ -29,6 +28,7 @@ from proxyvpn.aio.flow import Flow
 from proxyvpn.config import Config
 from proxyvpn.errors import ConfigError, ProxyError, ProxyVpnError
 from proxyvpn.netstack import fast
+from proxyvpn.netstack.seq import IsnSource
 from proxyvpn.netstack.tcp import TS_OPTION_LEN, TcpConnection, TcpParams, TcpState, reset_for
 from proxyvpn.netstack.wire import strip_vnet
 from proxyvpn.relay.dial import ProxyEndpoint, TunnelProtocol, start_tunnel
@@ -69,6 +69,7 @@ class Engine:
         self._loop = asyncio.get_running_loop()
         self._pcap = _open_pcap(pcap_path, vnet) if pcap_path else None
         self._seq = 0
+        self._isn = IsnSource()
 
     # ------------------------------------------------------------------ TUN input
 
@@ -189,7 +190,7 @@ class Engine:
             if tsval >= 0:  # the connection will send timestamps: 12 bytes less payload
                 gso_size = max(gso_size - TS_OPTION_LEN, 1)
             mss = self.params.mss
-        conn = TcpConnection(self.params, iss=secrets.randbits(32), irs=seq, peer_window=window,
+        conn = TcpConnection(self.params, iss=self._isn.next(), irs=seq, peer_window=window,
                              peer_mss=mss, peer_wscale=wscale, peer_sack_permitted=bool(sack_ok),
                              now=now, peer_tsval=tsval)
         flow = Flow(self, key, family, conn, dst_ip, dport, gso_size)
@@ -197,7 +198,8 @@ class Engine:
         self.stats["flows_opened"] += 1
         # Callbacks, not a task per connection: at 1,700 connections/s asyncio's
         # task, futures and transport set-up were a fifth of our CPU (relay/transport.py).
-        dial = start_tunnel(self.endpoint, dst_ip, dport, mark=self.config.bypass_mark,
+        dial = start_tunnel(self.endpoint, dst_ip, dport, loop=self._loop,
+                            mark=self.config.bypass_mark,
                             timeout=self.config.connect_timeout, protocol=protocol,
                             ssl_context=self.endpoint_ssl(),
                             on_done=lambda exc: self._dialed(flow, protocol, exc))

@@ -12,6 +12,8 @@ recovered with :func:`seq_add`.
 
 from __future__ import annotations
 
+import os
+
 SEQ_MOD = 1 << 32
 """Size of the sequence number space."""
 
@@ -75,3 +77,25 @@ def seq_unwrap(wire: int, near: int, origin: int) -> int:
     true position is within 2**31 of ``near``, which the window limits guarantee.
     """
     return near + seq_diff(wire, (origin + near) & SEQ_MASK)
+
+
+class IsnSource:
+    """Initial sequence numbers from the kernel's CSPRNG, fetched many at a time.
+
+    Random ISNs are what RFC 6528 protects against (off-path guessing). One
+    getrandom() per connection was ~2 % of proxyvpn's CPU at 2,600 connections/s
+    (py-spy, bench cps_64); one per ``batch`` connections is noise.
+    """
+
+    __slots__ = ("_batch", "_values")
+
+    def __init__(self, batch: int = 1024) -> None:
+        self._batch = batch
+        self._values: list[int] = []
+
+    def next(self) -> int:
+        """A fresh, unpredictable 32-bit ISN."""
+        values = self._values
+        if not values:
+            values.extend(memoryview(os.urandom(4 * self._batch)).cast("I"))
+        return values.pop()

@@ -357,11 +357,13 @@ class TunnelProtocol(asyncio.Protocol):
         self._eof_written = True
         if self.transport is None or self._closed or self.transport.is_closing():
             return
-        if self.transport.can_write_eof():
-            self.transport.write_eof()
         if self._eof_received:
-            # The proxy already finished its direction: the tunnel is done.
+            # The proxy already finished its direction: the tunnel is done, and close()
+            # sends the FIN after the buffered data (a shutdown() first would only cost
+            # a syscall: no data can follow the proxy's FIN, so close() never resets).
             self.transport.close()
+        elif self.transport.can_write_eof():
+            self.transport.write_eof()
 
     @property
     def eof_written(self) -> bool:
@@ -421,8 +423,10 @@ class Dial:
 
     def __init__(self, endpoint: ProxyEndpoint, protocol: TunnelProtocol, *, mark: int | None,
                  timeout: float, tls: ssl.SSLContext | None,
-                 on_done: Callable[[ProxyVpnError | None], None]) -> None:
-        self._loop = asyncio.get_running_loop()
+                 on_done: Callable[[ProxyVpnError | None], None],
+                 loop: asyncio.AbstractEventLoop | None = None) -> None:
+        # get_running_loop() costs a getpid() syscall: a caller that has the loop passes it.
+        self._loop = loop if loop is not None else asyncio.get_running_loop()
         self._endpoint = endpoint
         self._protocol = protocol
         self._mark = mark
@@ -468,12 +472,12 @@ class Dial:
             # Validated IP literals (ProxyEndpoint): only IPv6 ones contain a colon.
             family = socket.AF_INET6 if ":" in address else socket.AF_INET
             try:
-                sock = socket.socket(family, socket.SOCK_STREAM)
+                # Non-blocking from birth: setblocking() would be one more syscall.
+                sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
             except OSError as exc:  # e.g. IPv6 disabled: EAFNOSUPPORT
                 self._cause = f"{address}: {_strerror(exc)}"
                 continue
             try:
-                sock.setblocking(False)
                 if self._mark is not None:
                     _set_mark(sock, self._mark)
                 # CONNECT request and small interactive writes must not wait for Nagle.
@@ -487,6 +491,8 @@ class Dial:
                 sock.close()
                 self._failed_address(_strerror(exc))
                 continue
+            if err == errno.EINPROGRESS and _established(sock):
+                err = 0
             if err == errno.EINPROGRESS:
                 self._sock = sock
                 self._connecting = True
@@ -585,6 +591,23 @@ class Dial:
             self._transport.abort()
 
 
+def _established(sock: socket.socket) -> bool:
+    """Whether a connect() that said EINPROGRESS has finished already.
+
+    To a proxy in this host or on a veth, the whole handshake runs inside connect()
+    (the SYN-ACK is processed as the call releases the socket), so asking costs one
+    getpeername() and saves waiting for writability: two epoll_ctl() calls and a
+    trip through the event loop per connection. getpeername() fails with ENOTCONN
+    until the connection is established, and after a failure, which the writer
+    callback then reports.
+    """
+    try:
+        sock.getpeername()
+    except OSError:
+        return False
+    return True
+
+
 def _strerror(exc: OSError) -> str:
     return os.strerror(exc.errno) if exc.errno else str(exc) or type(exc).__name__
 
@@ -599,6 +622,7 @@ def start_tunnel(
     protocol: TunnelProtocol,
     on_done: Callable[[ProxyVpnError | None], None],
     ssl_context: ssl.SSLContext | None = None,
+    loop: asyncio.AbstractEventLoop | None = None,
 ) -> Dial:
     """Start opening a CONNECT tunnel to ``dst_host:dst_port`` (the target ``protocol``
     was made for) through ``endpoint``; ``on_done`` gets None or the error, once.
@@ -609,6 +633,8 @@ def start_tunnel(
     ``timeout`` bounds the whole operation. Once done without error ``protocol`` is in
     relay mode (``protocol.response`` holds the 2xx); ``protocol.attach(sink)`` starts
     the data. ``on_done`` may run before this returns (e.g. no address at all).
+
+    ``loop`` is the running event loop, for a caller that has it at hand.
 
     For ``https`` without ``ssl_context`` a default verifying context is used;
     the certificate is checked against ``endpoint.host``.
@@ -623,7 +649,8 @@ def start_tunnel(
     tls: ssl.SSLContext | None = None
     if endpoint.scheme == "https":
         tls = ssl_context if ssl_context is not None else ssl.create_default_context()
-    dial = Dial(endpoint, protocol, mark=mark, timeout=timeout, tls=tls, on_done=on_done)
+    dial = Dial(endpoint, protocol, mark=mark, timeout=timeout, tls=tls, on_done=on_done,
+                loop=loop)
     dial.start()
     return dial
 

@@ -656,6 +656,31 @@ def test_start_tunnel_reports_an_immediate_failure_synchronously() -> None:
     run(body())
 
 
+def test_a_local_proxy_is_connected_without_waiting_for_writability() -> None:
+    """To a proxy on loopback the handshake completes inside connect(): the CONNECT
+    request goes out before start_tunnel returns, not a loop iteration later."""
+
+    async def body() -> None:
+        async with proxy_and_echo() as (endpoint, echo_port):
+            done: list = []
+            protocol = TunnelProtocol("127.0.0.1", echo_port, None)
+            loop = asyncio.get_running_loop()
+            d = start_tunnel(endpoint, "127.0.0.1", echo_port, mark=None, timeout=5,
+                             protocol=protocol, on_done=done.append, loop=loop)
+            assert protocol.transport is not None, "still waiting for connect() to finish"
+            assert not d.done
+            while not done:
+                await asyncio.sleep(0.001)
+            assert done == [None] and protocol.response is not None
+            sink = Sink()
+            protocol.attach(sink)
+            protocol.write(b"ping")
+            await sink.until(lambda: bytes(sink.data) == b"ping")
+            protocol.close()
+
+    run(body())
+
+
 def test_proxy_reset_mid_header() -> None:
     async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writer.write(b"HTTP/1.1 200 Co")

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from proxyvpn.netstack.seq import (
     SEQ_MASK,
+    IsnSource,
     seq_add,
     seq_diff,
     seq_ge,
@@ -81,3 +82,12 @@ def test_unwrap_recovers_position(origin: int, near: int, d: int) -> None:
     pos = near + d
     wire = (origin + pos) & SEQ_MASK
     assert seq_unwrap(wire, near, origin) == pos
+
+
+def test_isn_source_gives_random_32_bit_numbers_across_refills() -> None:
+    first, second = IsnSource(batch=64), IsnSource(batch=64)
+    values = [first.next() for _ in range(1000)]  # 15 refills and a partial one
+    assert all(0 <= v <= SEQ_MASK for v in values)
+    assert len(set(values)) >= 999  # a repeat among 1,000 random 32-bit values: ~1e-4
+    assert max(values) > 1 << 31 > min(values)  # all 32 bits are used
+    assert [second.next() for _ in range(100)] != values[:100]
