@@ -214,6 +214,12 @@ def check_op(op: Op, tun: str | None) -> str | None:
     return check(op, tun)
 
 
+def acts_on_tun(op: Op) -> bool:
+    """Whether undoing `op` acts on the TUN link itself (deletes it, or changes its
+    addresses or per-interface sysctls) rather than on tables, rules or routes."""
+    return isinstance(op, (CreateTun, LinkUp, SetAddress, SetSysctl))
+
+
 def _journal_tun(ops: tuple[Op, ...], recorded: object) -> str | None:
     """The TUN of the journal: state["tun"] (what `up` records), else its CreateTun."""
     if recorded is None:

@@ -17,7 +17,7 @@ from typing import Any
 
 from proxyvpn.errors import ApplyError, UntrustedStateError
 from proxyvpn.plan.build import Plan
-from proxyvpn.plan.journal import journal_ops
+from proxyvpn.plan.journal import acts_on_tun, journal_ops
 from proxyvpn.plan.ops import (
     AddRoute,
     AddRule,
@@ -157,10 +157,11 @@ def _undo(ops: Sequence[Op], executor: _Executor) -> list[str]:
 
 
 def undo_ops(op_dicts: object, recorded_tun: object = None, *,
-             where: str = "the journal") -> list[str]:
+             where: str = "the journal", spare_tun: bool = False) -> list[str]:
     """Undo recorded ops (state["applied"], for the TUN state["tun"]) in reverse.
     "Already gone" is success; real failures are returned as messages and do not stop
-    the rest.
+    the rest. With `spare_tun`, ops on the TUN link itself are skipped: the link of that
+    name is not the one the journal's process made (see plan.journal.acts_on_tun).
 
     The journal's directory belongs to whoever ran `up` and this may run as root, so
     every op is first checked against what the planner can produce (plan.journal): if
@@ -170,6 +171,8 @@ def undo_ops(op_dicts: object, recorded_tun: object = None, *,
         ops = journal_ops(op_dicts, recorded_tun)
     except ValueError as exc:
         raise UntrustedStateError(where, str(exc)) from None
+    if spare_tun:
+        ops = tuple(op for op in ops if not acts_on_tun(op))
     executor = _Executor()
     try:
         return _undo(ops, executor)

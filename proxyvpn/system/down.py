@@ -34,8 +34,14 @@ def _undo_journal(store: StateDir, state: dict) -> None:
     """Undo a dead instance's journal and delete it; ProxyVpnError if anything failed
     (the journal then stays, so a later `down` retries)."""
     # Checked before anything runs (UntrustedStateError): the journal may be forged.
-    _check_recorded_tun(store, state.get("tun"))
-    errors = undo_ops(state.get("applied", []), state.get("tun"), where=str(store.state_file))
+    tun = state.get("tun")
+    foreign = _check_recorded_tun(store, tun)
+    if foreign:
+        log.warning("a TUN named %s exists, but not the one proxyvpn pid %s made (that one "
+                    "went away with its process): leaving it, its addresses and settings "
+                    "alone", tun, state.get("pid"))
+    errors = undo_ops(state.get("applied", []), tun, where=str(store.state_file),
+                      spare_tun=foreign)
     if errors:
         raise ProxyVpnError(
             f"could not undo everything recorded in {store.state_file}: "
@@ -43,22 +49,29 @@ def _undo_journal(store: StateDir, state: dict) -> None:
     store.discard_state()
 
 
-def _check_recorded_tun(store: StateDir, tun: object) -> None:
-    """Refuse a journal whose TUN names a link that is not a TUN (eth0, say): the undo
-    would delete that link, its addresses and routes. Ours is not persistent -- it went
-    away with the process that made it -- so normally there is no such link at all."""
+def _check_recorded_tun(store: StateDir, tun: object) -> bool:
+    """Whether a TUN of the journal's TUN name exists now: if so it is someone else's.
+
+    Ours is not persistent: it went away with the process that made it (no journal is
+    replayed while that process holds the lock), so normally there is no such link at
+    all. One that exists was made since, by another VPN say, and undoing our ops on it
+    would delete it or its addresses. A link of that name that is not even a TUN (eth0)
+    means the journal lies: UntrustedStateError, nothing is undone."""
     if not isinstance(tun, str):
-        return  # journal_ops refuses what needs a TUN without one
+        return False  # journal_ops refuses what needs a TUN without one
     from proxyvpn.system.netlink import Netlink
 
     try:
         with Netlink() as nl:
             kind = nl.link_kind(tun)
     except OSError:
-        return  # cannot tell; the other checks still hold
+        # Cannot tell: leave the link alone. Were it ours, the kernel deletes it with
+        # the last fd anyway; deleting someone else's is the harm to avoid.
+        return True
     if kind is not None and kind != "tun":
         raise UntrustedStateError(str(store.state_file),
                                   f"its TUN {tun!r} is a {kind or 'physical'} link here")
+    return kind is not None
 
 
 def _stop(store: StateDir, pid: int) -> None:

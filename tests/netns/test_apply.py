@@ -224,6 +224,34 @@ def test_kill9_fails_closed_and_down_restores(ns, server, tmp_path):
     assert again.stdout.strip() == "MSG proxyvpn is not running"
 
 
+def test_down_after_a_crash_leaves_a_tun_someone_else_made_since(ns, tmp_path):
+    """Ours went away with the process; a TUN of the same name now (another VPN took
+    tun0 while the killswitch held) is not ours: `down` restores the rest and leaves
+    that link, its address and its sysctls alone -- even the address we had used."""
+    before = ns.snapshot()
+    vpn = up(ns, tmp_path)
+    vpn.info()
+    vpn.kill9()
+    assert "tun0" not in text(ns, "ip", "link")
+    ns.run("ip", "tuntap", "add", "dev", "tun0", "mode", "tun")
+    ns.run("ip", "address", "add", "10.255.255.1/30", "dev", "tun0")
+    ns.run("ip", "link", "set", "tun0", "up")
+    # A value our undo would not leave: it restores what a new link inherits.
+    inherited = text(ns, "cat", "/proc/sys/net/ipv4/conf/default/rp_filter").strip()
+    theirs = "1" if inherited != "1" else "0"
+    ns.run("sysctl", "-qw", f"net.ipv4.conf.tun0.rp_filter={theirs}")
+    foreign = text(ns, "ip", "address", "show", "dev", "tun0")
+
+    result = drive(ns, "down", "--state-dir", str(tmp_path / "state"))
+    assert result.returncode == 0, result
+    assert text(ns, "ip", "address", "show", "dev", "tun0") == foreign
+    assert text(ns, "cat", "/proc/sys/net/ipv4/conf/tun0/rp_filter").strip() == theirs
+    assert "not the one proxyvpn pid" in result.stderr, result.stderr
+    assert not (tmp_path / "state" / "state.json").exists()
+    ns.run("ip", "tuntap", "del", "dev", "tun0", "mode", "tun")
+    assert_same(before, ns.snapshot())  # everything else of ours was undone
+
+
 def test_down_stops_a_live_instance(ns, tmp_path):
     before = ns.snapshot()
     vpn = up(ns, tmp_path)
