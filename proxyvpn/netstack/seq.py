@@ -90,6 +90,8 @@ class IsnSource:
     __slots__ = ("_batch", "_values")
 
     def __init__(self, batch: int = 1024) -> None:
+        if batch < 1:
+            raise ValueError(f"batch must be at least 1, not {batch}")
         self._batch = batch
         self._values: list[int] = []
 

@@ -220,6 +220,16 @@ def acts_on_tun(op: Op) -> bool:
     return isinstance(op, (CreateTun, LinkUp, SetAddress, SetSysctl))
 
 
+def journal_tun_name(applied: object, recorded: object) -> object:
+    """The TUN name a raw journal's ops are checked against (:func:`journal_ops`):
+    state["tun"], else the name in its CreateTun. Unvalidated: for a check that has to
+    look at the link before anything is undone."""
+    if recorded is not None or not isinstance(applied, (list, tuple)):
+        return recorded
+    return next((op.get("name") for op in applied
+                 if isinstance(op, dict) and op.get("kind") == "CreateTun"), None)
+
+
 def _journal_tun(ops: tuple[Op, ...], recorded: object) -> str | None:
     """The TUN of the journal: state["tun"] (what `up` records), else its CreateTun."""
     if recorded is None:

@@ -21,6 +21,7 @@ from proxyvpn.errors import (
     ProxyVpnError,
     UntrustedStateError,
 )
+from proxyvpn.plan.journal import journal_tun_name
 from proxyvpn.system.apply import undo_ops
 from proxyvpn.system.state import StateDir
 
@@ -34,14 +35,13 @@ def _undo_journal(store: StateDir, state: dict) -> None:
     """Undo a dead instance's journal and delete it; ProxyVpnError if anything failed
     (the journal then stays, so a later `down` retries)."""
     # Checked before anything runs (UntrustedStateError): the journal may be forged.
-    tun = state.get("tun")
-    foreign = _check_recorded_tun(store, tun)
-    if foreign:
-        log.warning("a TUN named %s exists, but not the one proxyvpn pid %s made (that one "
-                    "went away with its process): leaving it, its addresses and settings "
-                    "alone", tun, state.get("pid"))
-    errors = undo_ops(state.get("applied", []), tun, where=str(store.state_file),
-                      spare_tun=foreign)
+    recorded = state.get("tun")
+    applied = state.get("applied", [])
+    tun = journal_tun_name(applied, recorded)
+    why = _foreign_tun(store, tun)
+    if why is not None:
+        log.warning("%s: leaving it, its addresses and its settings alone", why)
+    errors = undo_ops(applied, recorded, where=str(store.state_file), spare_tun=why is not None)
     if errors:
         raise ProxyVpnError(
             f"could not undo everything recorded in {store.state_file}: "
@@ -49,29 +49,33 @@ def _undo_journal(store: StateDir, state: dict) -> None:
     store.discard_state()
 
 
-def _check_recorded_tun(store: StateDir, tun: object) -> bool:
-    """Whether a TUN of the journal's TUN name exists now: if so it is someone else's.
+def _foreign_tun(store: StateDir, tun: object) -> str | None:
+    """Why the link named like the journal's TUN must be left alone, or None.
 
     Ours is not persistent: it went away with the process that made it (no journal is
     replayed while that process holds the lock), so normally there is no such link at
-    all. One that exists was made since, by another VPN say, and undoing our ops on it
+    all. A TUN that exists was made since, by another VPN say, and undoing our ops on it
     would delete it or its addresses. A link of that name that is not even a TUN (eth0)
-    means the journal lies: UntrustedStateError, nothing is undone."""
+    means the journal lies: UntrustedStateError, nothing is undone.
+    """
     if not isinstance(tun, str):
-        return False  # journal_ops refuses what needs a TUN without one
+        return None  # journal_ops refuses what needs a TUN without one
     from proxyvpn.system.netlink import Netlink
 
     try:
         with Netlink() as nl:
             kind = nl.link_kind(tun)
-    except OSError:
-        # Cannot tell: leave the link alone. Were it ours, the kernel deletes it with
-        # the last fd anyway; deleting someone else's is the harm to avoid.
-        return True
-    if kind is not None and kind != "tun":
+    except OSError as exc:
+        # Were it ours, the kernel deletes it with its last fd anyway: deleting someone
+        # else's is the harm to avoid.
+        return f"could not check whether a link named {tun} exists ({exc.strerror or exc})"
+    if kind is None:
+        return None
+    if kind != "tun":
         raise UntrustedStateError(str(store.state_file),
                                   f"its TUN {tun!r} is a {kind or 'physical'} link here")
-    return kind is not None
+    return f"a TUN named {tun} exists, but it is not the one proxyvpn made (that went away " \
+           "with its process)"
 
 
 def _stop(store: StateDir, pid: int) -> None:

@@ -228,6 +228,9 @@ def test_down_after_a_crash_leaves_a_tun_someone_else_made_since(ns, tmp_path):
     """Ours went away with the process; a TUN of the same name now (another VPN took
     tun0 while the killswitch held) is not ours: `down` restores the rest and leaves
     that link, its address and its sysctls alone -- even the address we had used."""
+    # Our TUN's rp_filter then has a "previous" value (0) that an undo would write back;
+    # with 2 inherited (systemd's default) the undo leaves rp_filter alone anyway.
+    ns.run("sysctl", "-qw", "net.ipv4.conf.default.rp_filter=0")
     before = ns.snapshot()
     vpn = up(ns, tmp_path)
     vpn.info()
@@ -236,9 +239,7 @@ def test_down_after_a_crash_leaves_a_tun_someone_else_made_since(ns, tmp_path):
     ns.run("ip", "tuntap", "add", "dev", "tun0", "mode", "tun")
     ns.run("ip", "address", "add", "10.255.255.1/30", "dev", "tun0")
     ns.run("ip", "link", "set", "tun0", "up")
-    # A value our undo would not leave: it restores what a new link inherits.
-    inherited = text(ns, "cat", "/proc/sys/net/ipv4/conf/default/rp_filter").strip()
-    theirs = "1" if inherited != "1" else "0"
+    theirs = "1"  # not the 0 our undo would restore
     ns.run("sysctl", "-qw", f"net.ipv4.conf.tun0.rp_filter={theirs}")
     foreign = text(ns, "ip", "address", "show", "dev", "tun0")
 
@@ -246,7 +247,8 @@ def test_down_after_a_crash_leaves_a_tun_someone_else_made_since(ns, tmp_path):
     assert result.returncode == 0, result
     assert text(ns, "ip", "address", "show", "dev", "tun0") == foreign
     assert text(ns, "cat", "/proc/sys/net/ipv4/conf/tun0/rp_filter").strip() == theirs
-    assert "not the one proxyvpn pid" in result.stderr, result.stderr
+    assert "a TUN named tun0 exists, but it is not the one proxyvpn made" in result.stderr, \
+        result.stderr
     assert not (tmp_path / "state" / "state.json").exists()
     ns.run("ip", "tuntap", "del", "dev", "tun0", "mode", "tun")
     assert_same(before, ns.snapshot())  # everything else of ours was undone
@@ -263,7 +265,8 @@ def test_down_stops_a_live_instance(ns, tmp_path):
     assert_same(before, ns.snapshot())
 
 
-def test_down_refuses_a_journal_whose_tun_is_another_kind_of_link(ns, tmp_path):
+@pytest.mark.parametrize("record_tun", [True, False], ids=["tun-recorded", "tun-from-CreateTun"])
+def test_down_refuses_a_journal_whose_tun_is_another_kind_of_link(ns, tmp_path, record_tun):
     """The journal is the user's to write; one consistent with a "TUN" named like a real
     link would have `down` delete that link. Ours dies with its process, so a link of that
     name that is not a TUN means the journal lies: refused, nothing undone."""
@@ -275,6 +278,8 @@ def test_down_refuses_a_journal_whose_tun_is_another_kind_of_link(ns, tmp_path):
         {"kind": "CreateTun", "name": "eth9", "mtu": 1500},
         {"kind": "SetAddress", "dev": "eth9", "cidr": "192.0.2.77/24"},
     ]}
+    if not record_tun:  # the ops are then checked against their CreateTun's name
+        del journal["tun"]
     (state / "state.json").write_text(json.dumps(journal))
     (state / "state.json").chmod(0o600)
     result = ns.run("env", f"PYTHONPATH={REPO}", PY, "-m", "proxyvpn", "down", "--state-dir",

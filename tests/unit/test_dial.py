@@ -10,11 +10,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import errno
 import hashlib
 import importlib.util
 import logging
 import os
 import random
+import select
 import shutil
 import signal
 import socket
@@ -33,6 +35,7 @@ from proxyvpn.errors import (
     ProxyProtocolError,
     ProxyUnreachableError,
 )
+from proxyvpn.relay import dial as dial_module
 from proxyvpn.relay.dial import (
     WRITE_HIGH_WATER,
     Dial,
@@ -656,18 +659,23 @@ def test_start_tunnel_reports_an_immediate_failure_synchronously() -> None:
     run(body())
 
 
-def test_a_local_proxy_is_connected_without_waiting_for_writability() -> None:
-    """To a proxy on loopback the handshake completes inside connect(): the CONNECT
-    request goes out before start_tunnel returns, not a loop iteration later."""
+@pytest.mark.parametrize("finished", [True, False], ids=["inside-connect", "later"])
+def test_connect_that_finished_inside_the_call_goes_straight_on(
+        monkeypatch: pytest.MonkeyPatch, finished: bool) -> None:
+    """To a proxy on this host the handshake usually completes inside connect(): then the
+    CONNECT request goes out before start_tunnel returns; otherwise the dial waits for
+    writability. Both ways the tunnel works. (Forced, since whether the kernel finishes
+    the handshake inside the call depends on its softirq scheduling.)"""
+    monkeypatch.setattr(dial_module, "_established", lambda sock: finished)
 
     async def body() -> None:
         async with proxy_and_echo() as (endpoint, echo_port):
             done: list = []
             protocol = TunnelProtocol("127.0.0.1", echo_port, None)
-            loop = asyncio.get_running_loop()
             d = start_tunnel(endpoint, "127.0.0.1", echo_port, mark=None, timeout=5,
-                             protocol=protocol, on_done=done.append, loop=loop)
-            assert protocol.transport is not None, "still waiting for connect() to finish"
+                             protocol=protocol, on_done=done.append,
+                             loop=asyncio.get_running_loop())
+            assert (protocol.transport is not None) is finished
             assert not d.done
             while not done:
                 await asyncio.sleep(0.001)
@@ -679,6 +687,22 @@ def test_a_local_proxy_is_connected_without_waiting_for_writability() -> None:
             protocol.close()
 
     run(body())
+
+
+def test_established_tells_a_finished_connect_from_one_that_is_not() -> None:
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        with socket.socket() as sock:
+            assert not dial_module._established(sock)  # never connected
+            sock.connect(listener.getsockname())
+            assert dial_module._established(sock)
+    with socket.socket() as sock:
+        sock.setblocking(False)
+        err = sock.connect_ex(("127.0.0.1", closed_port()))
+        if err == errno.EINPROGRESS:
+            select.select([], [sock], [], 5)
+        assert not dial_module._established(sock)  # refused
 
 
 def test_proxy_reset_mid_header() -> None:
