@@ -9,6 +9,7 @@ never retrieved", with its traceback) go through it too.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import re
 import sys
@@ -19,10 +20,10 @@ from typing import Any
 from proxyvpn.relay.connect import encode_basic_credentials
 
 MIN_BARE_SECRET = 3
-"""A password shorter than this is not replaced wherever it occurs: "x" or "ab" would
-turn every word holding those letters into *** and make logs unreadable, and a password
-that short can be guessed anyway. Its credential forms (register_credentials) are
-replaced whatever its length, as is any scheme://user:password@ in a line."""
+"""A password shorter than this is not replaced wherever it stands alone: "x" or "ab"
+would turn every such token (0x, "a b") into *** and make logs unreadable, and a
+password that short can be guessed anyway. Its credential forms (register_credentials)
+are replaced whatever its length, as is any scheme://user:password@ in a line."""
 
 _secrets: set[str] = set()
 _ordered: tuple[str, ...] = ()
@@ -67,12 +68,28 @@ def credential_forms(user: str, password: str) -> set[str]:
     return forms
 
 
+@functools.lru_cache(maxsize=4)
+def _secrets_pattern(ordered: tuple[str, ...]) -> re.Pattern[str]:
+    """One regex for all secrets, longest first. A secret is matched where it stands as
+    a token, not inside a longer word (letters, digits, _ and - join): with the password
+    "proxy", "user:proxy@" and "is proxy." are redacted but "proxyvpn" and "--proxy-url"
+    stay, which would otherwise read "***vpn" on every line and tell the reader the
+    password."""
+    def bounded(secret: str) -> str:
+        head = r"(?<![\w-])" if re.match(r"[\w-]", secret[0]) else ""
+        tail = r"(?![\w-])" if re.match(r"[\w-]", secret[-1]) else ""
+        return head + re.escape(secret) + tail
+
+    return re.compile("|".join(bounded(secret) for secret in ordered))
+
+
 def redact(text: str) -> str:
-    """`text` with every registered secret and every URL password replaced by ***."""
+    """`text` with every registered secret (where it stands as a token) and every URL
+    password replaced by ***."""
     if "://" in text:
         text = _URL_USERINFO.sub(r"\1:***@", text)
-    for secret in _ordered:
-        text = text.replace(secret, "***")
+    if _ordered:
+        text = _secrets_pattern(_ordered).sub("***", text)
     return text
 
 

@@ -133,6 +133,26 @@ def test_any_url_password_is_redacted_unregistered(output):
     assert lines[1] == "proxyvpn: tun http://[::1]:3128 for dave@example.com, mail:me@there"
 
 
+@pytest.mark.parametrize("password", ["proxy", "pass", "warning"])
+def test_a_password_that_is_also_a_word_leaves_other_words_alone(output, password):
+    """Replaced where it stands as a token, not inside longer words: "***vpn: ***word"
+    would be unreadable and would tell anyone reading the log what the password is."""
+    logs.register_credentials("alice", password)
+    log = logging.getLogger("proxyvpn.test")
+    log.warning("the password in --proxy-url is visible; warnings follow")
+    log.warning("url http://alice:%s@h:1, pair alice:%s, bare %s. and (%s)",
+                password, password, password, password)
+    lines = output.getvalue().splitlines()
+    assert lines[0] == "proxyvpn: the password in --proxy-url is visible; warnings follow"
+    assert lines[1] == "proxyvpn: url http://alice:***@h:1, pair ***, bare ***. and (***)"
+
+
+def test_a_password_with_punctuation_at_its_ends_is_still_redacted(output):
+    logs.register_credentials("alice", "!hunter2?")
+    logging.getLogger("proxyvpn.test").warning("x!hunter2?y and a!hunter2?")
+    assert output.getvalue() == "proxyvpn: x***y and a***\n"
+
+
 def test_bare_secrets_shorter_than_the_minimum_are_not_registered(output):
     logs.register_secret("ab")
     logging.getLogger("proxyvpn.test").warning("about tabs")
