@@ -58,6 +58,8 @@ class Engine:
         self.flows: dict[tuple[bytes, int, bytes, int], Flow] = {}
         self.stats: Counter[str] = Counter()
         self._dirty: dict[Flow, None] = {}  # insertion-ordered set
+        self._time_wait: dict[Flow, None] = {}
+        """Flows in TIME-WAIT, oldest first: the ones given up when the table is full."""
         self._out: list[bytes | tuple] = []
         """Packets to write: bytes, or (headers, payload) from build(split=True)."""
         self._backlog: list[bytes | tuple] = []
@@ -146,6 +148,8 @@ class Engine:
         (family, src, dst, sport, dport, seq, ack, flags, window,
          start, end, mss, wscale, sack_ok, tsval, tsecr) = parsed
         syn_only = flags & (fast.SYN | fast.ACK | fast.RST | fast.FIN) == fast.SYN
+        if syn_only and len(self.flows) >= self.config.max_flows:
+            self._reclaim_time_wait(now)
         if syn_only and len(self.flows) < self.config.max_flows:
             self._open_flow(parsed, key, now)
             return
@@ -154,6 +158,24 @@ class Engine:
         else:
             self.stats["segments_unknown_flow"] += 1
         self._reset(parsed)
+
+    def _reclaim_time_wait(self, now: float) -> None:
+        """Make room for a new connection by ending the oldest TIME-WAIT early.
+
+        Each closed connection waits time_wait seconds in the table, so short
+        connections at N/s hold ~2N entries that are over: without this, --max-flows
+        would refuse new connections while far fewer are open. Ending TIME-WAIT early
+        is what Linux does when its own table is full (tcp_max_tw_buckets); the risk,
+        a late duplicate segment of the old connection, is small on a local TUN.
+        """
+        while self._time_wait:
+            flow = next(iter(self._time_wait))
+            del self._time_wait[flow]
+            if self.flows.get(flow.key) is flow and flow.conn.state is TcpState.TIME_WAIT:
+                flow.conn.abort(now)  # silent: TIME-WAIT has no one to tell
+                flow.handle_events(now)  # Closed: the flow forgets itself
+                self.stats["time_wait_reclaimed"] += 1
+                return
 
     def _reset(self, parsed: tuple) -> None:
         """Answer a segment no flow takes with the RST RFC 9293 §3.10.7.1 prescribes."""
@@ -246,6 +268,7 @@ class Engine:
 
     def forget(self, flow: Flow) -> None:
         """Called by the flow once its connection reached CLOSED."""
+        self._time_wait.pop(flow, None)
         if self.flows.get(flow.key) is flow:
             del self.flows[flow.key]
             self.stats["flows_closed"] += 1
@@ -294,6 +317,8 @@ class Engine:
                     flow.timer_at = deadline
                     self._seq += 1
                     heapq.heappush(self._timers, (deadline, self._seq, flow))
+                if flow.conn.state is TcpState.TIME_WAIT:
+                    self._time_wait[flow] = None  # an existing key keeps its place
                 flow.after_transmit()
         if out:
             self._out = []
