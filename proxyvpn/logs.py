@@ -28,11 +28,19 @@ are replaced whatever its length, as is any scheme://user:password@ in a line.""
 _secrets: set[str] = set()
 _ordered: tuple[str, ...] = ()
 """_secrets, longest first: "alice:hunter2" must go before "hunter2" leaves "alice:***"."""
+_word_like: set[str] = set()
+"""Bare passwords of letters only ("proxy", "pass"): replaced only where they stand as a
+word of their own, not inside "proxyvpn" or "password" (see _secrets_pattern)."""
 
 _URL_USERINFO = re.compile(r"(://[^:/@\s\[]*):.*@")
-"""The password of scheme://user:password@host, as privileges._URL_PASSWORD: greedy up
-to the last @ of the line, so that an unencoded @ in the password is covered too
-(over-redacting is the safe side). No [ in the user: http://[::1]:3128 has none."""
+"""The password of scheme://user:password@host: greedy up to the last @ of the line, so
+that an unencoded @ in the password is covered too (over-redacting is the safe side).
+No [ in the user: http://[::1]:3128 has none."""
+
+# Where a word-like password counts as standing alone: not glued to a letter, digit,
+# _ or - ... unless what precedes is an escape (repr's \n, \x01) or a %XX encoding.
+_WORD_START = r"(?:(?<![\w-])|(?<=\\[a-z])|(?<=\\x[0-9a-fA-F]{2})|(?<=%[0-9A-Fa-f]{2}))"
+_WORD_END = r"(?![\w-])"
 
 
 def _add(value: str) -> None:
@@ -44,6 +52,8 @@ def _add(value: str) -> None:
 def register_secret(value: str | None) -> None:
     """Never let this string reach a log line (defence in depth: we also never log it)."""
     if value and len(value) >= MIN_BARE_SECRET:
+        if value.isalpha():
+            _word_like.add(value)
         _add(value)
 
 
@@ -69,27 +79,29 @@ def credential_forms(user: str, password: str) -> set[str]:
 
 
 @functools.lru_cache(maxsize=4)
-def _secrets_pattern(ordered: tuple[str, ...]) -> re.Pattern[str]:
-    """One regex for all secrets, longest first. A secret is matched where it stands as
-    a token, not inside a longer word (letters, digits, _ and - join): with the password
-    "proxy", "user:proxy@" and "is proxy." are redacted but "proxyvpn" and "--proxy-url"
-    stay, which would otherwise read "***vpn" on every line and tell the reader the
-    password."""
-    def bounded(secret: str) -> str:
-        head = r"(?<![\w-])" if re.match(r"[\w-]", secret[0]) else ""
-        tail = r"(?![\w-])" if re.match(r"[\w-]", secret[-1]) else ""
-        return head + re.escape(secret) + tail
+def _secrets_pattern(ordered: tuple[str, ...], word_like: frozenset[str]) -> re.Pattern[str]:
+    """One regex for all secrets, longest first. A word-like password (letters only) is
+    matched only where it stands as a word: with the password "proxy", "user:proxy@",
+    "alice%3Aproxy" and "is proxy." are redacted but "proxyvpn" and "--proxy-url" stay,
+    which would otherwise read "***vpn" on every line and tell the reader the password.
+    Any other secret (digits or punctuation in it, the credential forms) is replaced
+    wherever it occurs."""
+    return re.compile("|".join(
+        _WORD_START + re.escape(secret) + _WORD_END if secret in word_like else re.escape(secret)
+        for secret in ordered))
 
-    return re.compile("|".join(bounded(secret) for secret in ordered))
+
+def redact_url_passwords(text: str) -> str:
+    """`text` with the password of every scheme://user:password@ replaced by *** (pure)."""
+    return _URL_USERINFO.sub(r"\1:***@", text) if "://" in text else text
 
 
 def redact(text: str) -> str:
-    """`text` with every registered secret (where it stands as a token) and every URL
-    password replaced by ***."""
-    if "://" in text:
-        text = _URL_USERINFO.sub(r"\1:***@", text)
-    if _ordered:
-        text = _secrets_pattern(_ordered).sub("***", text)
+    """`text` with every registered secret and every URL password replaced by ***."""
+    text = redact_url_passwords(text)
+    # Most lines hold no secret: a substring test each is far cheaper than the regex.
+    if any(secret in text for secret in _ordered):
+        text = _secrets_pattern(_ordered, frozenset(_word_like)).sub("***", text)
     return text
 
 

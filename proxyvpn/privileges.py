@@ -28,7 +28,6 @@ import ctypes
 import ctypes.util
 import logging
 import os
-import re
 import resource
 import shlex
 import shutil
@@ -40,6 +39,7 @@ from pathlib import Path
 import prctl
 
 from proxyvpn.errors import PrivilegeError
+from proxyvpn.logs import redact_url_passwords
 
 log = logging.getLogger("proxyvpn.privileges")
 
@@ -268,9 +268,6 @@ def verify_net_admin_only() -> CapState:
 
 _SECRET_OPTIONS = ("--password",)
 """Options whose value is a secret (their `--opt=value` form too)."""
-_URL_PASSWORD = re.compile(r"(://[^:/@\s]*):.*@")
-"""The password of scheme://user:password@host; greedy up to the last @, so that an
-unencoded @ in the password is covered too (over-redacting is the safe side)."""
 
 
 def redact_argv(argv: Sequence[str]) -> list[str]:
@@ -290,7 +287,7 @@ def redact_argv(argv: Sequence[str]) -> list[str]:
                 out.append(arg)
                 hide_next = True
             continue
-        out.append(_URL_PASSWORD.sub(r"\1:***@", arg))
+        out.append(redact_url_passwords(arg))
     return out
 
 

@@ -132,6 +132,10 @@ class Engine:
         conn = flow.conn
         conn.receive(seq, ack, flags, window,
                      memoryview(packet)[start:end] if end > start else b"", now, tsval, tsecr)
+        # Recorded at once, not in transmit(): a SYN later in this batch may need the
+        # slot. Only a received segment leads to TIME-WAIT; a known flow keeps its place.
+        if conn.state is TcpState.TIME_WAIT:
+            self._time_wait[flow] = None
         # Its events wait for transmit(): one pass per flow and batch, so a batch's
         # segments of one flow go to the proxy in one sendmsg().
         self.touch(flow)
@@ -148,18 +152,13 @@ class Engine:
         (family, src, dst, sport, dport, seq, ack, flags, window,
          start, end, mss, wscale, sack_ok, tsval, tsecr) = parsed
         syn_only = flags & (fast.SYN | fast.ACK | fast.RST | fast.FIN) == fast.SYN
-        if syn_only and len(self.flows) >= self.config.max_flows:
-            self._reclaim_time_wait(now)
-        if syn_only and len(self.flows) < self.config.max_flows:
+        if syn_only:
             self._open_flow(parsed, key, now)
             return
-        if syn_only:
-            self.stats["flows_over_limit"] += 1
-        else:
-            self.stats["segments_unknown_flow"] += 1
+        self.stats["segments_unknown_flow"] += 1
         self._reset(parsed)
 
-    def _reclaim_time_wait(self, now: float) -> None:
+    def _reclaim_time_wait(self, now: float) -> bool:
         """Make room for a new connection by ending the oldest TIME-WAIT early.
 
         Each closed connection waits time_wait seconds in the table, so short
@@ -175,7 +174,8 @@ class Engine:
                 flow.conn.abort(now)  # silent: TIME-WAIT has no one to tell
                 flow.handle_events(now)  # Closed: the flow forgets itself
                 self.stats["time_wait_reclaimed"] += 1
-                return
+                return True
+        return False
 
     def _reset(self, parsed: tuple) -> None:
         """Answer a segment no flow takes with the RST RFC 9293 §3.10.7.1 prescribes."""
@@ -200,6 +200,10 @@ class Engine:
             # No CONNECT request can name it (port 0: any local process can send that
             # SYN); refuse it like a closed port rather than hold a flow that never dials.
             self.stats["syn_bad_target"] += 1
+            self._reset(parsed)
+            return
+        if len(self.flows) >= self.config.max_flows and not self._reclaim_time_wait(now):
+            self.stats["flows_over_limit"] += 1
             self._reset(parsed)
             return
         gso_size = -1
@@ -317,8 +321,6 @@ class Engine:
                     flow.timer_at = deadline
                     self._seq += 1
                     heapq.heappush(self._timers, (deadline, self._seq, flow))
-                if flow.conn.state is TcpState.TIME_WAIT:
-                    self._time_wait[flow] = None  # an existing key keeps its place
                 flow.after_transmit()
         if out:
             self._out = []

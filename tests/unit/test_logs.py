@@ -26,6 +26,7 @@ def output(monkeypatch):
     """What setup_logging's handler writes, with no secret registered before the test."""
     monkeypatch.setattr(logs, "_secrets", set())
     monkeypatch.setattr(logs, "_ordered", (), raising=False)
+    monkeypatch.setattr(logs, "_word_like", set())
     pv = logging.getLogger("proxyvpn")
     saved = (pv.level, pv.propagate)
     earlier = _our_handlers()  # a CLI test's handler, writing to a stale stream
@@ -145,6 +146,26 @@ def test_a_password_that_is_also_a_word_leaves_other_words_alone(output, passwor
     lines = output.getvalue().splitlines()
     assert lines[0] == "proxyvpn: the password in --proxy-url is visible; warnings follow"
     assert lines[1] == "proxyvpn: url http://alice:***@h:1, pair ***, bare ***. and (***)"
+
+
+def test_a_word_like_password_after_an_escape_or_a_percent_code_is_redacted(output):
+    """In a repr or a percent-encoded URL the letter before the password belongs to an
+    escape (\\n, \\x01) or a %XX code, not to a word."""
+    logs.register_credentials("alice", "proxy")
+    log = logging.getLogger("proxyvpn.test")
+    log.warning("%r %r", b"user\nproxy\n", "\x01proxy")
+    log.warning("query ?u=alice%3Aproxy&x=1")
+    lines = output.getvalue().splitlines()
+    assert "proxy" not in lines[0].removeprefix("proxyvpn: "), lines[0]
+    assert lines[1] == "proxyvpn: query ?u=alice%3A***&x=1"
+
+
+def test_a_password_with_digits_or_punctuation_is_redacted_wherever_it_occurs(output):
+    """Only letters-only passwords get the word rule: "hunter2" inside "xhunter2y" is
+    still redacted, as are the random-looking credential forms."""
+    logs.register_credentials("alice", "hunter2")
+    logging.getLogger("proxyvpn.test").warning("xhunter2y hunter2é alice:hunter2z")
+    assert output.getvalue() == "proxyvpn: x***y ***é ***z\n"
 
 
 def test_a_password_with_punctuation_at_its_ends_is_still_redacted(output):
