@@ -92,7 +92,8 @@ def markdown(results: list[dict], *, header: list[str], mode_labels: dict[str, s
         "↑ higher is better, ↓ lower is better. Ratios are proxyvpn's value divided by the "
         "other mode's.",
         "CPU and RSS: proxyvpn's process, redsocks' process; the direct-CONNECT column is the "
-        "proxy itself (the proxy-only baseline: there is no relay in that mode).",
+        "proxy itself (the proxy-only baseline: there is no relay in that mode), except "
+        "the \"every process\" line: proxy, relay, server and client together.",
         *notes,
     ]
     return "\n".join(lines)

@@ -30,8 +30,12 @@ def test_bench_quick_runs_every_mode(tmp_path):
     got = {(r.get("mode"), r["figure"]): r for r in rows if "mode" in r}
     for mode in ("direct", "proxyvpn", "redsocks"):
         for figure in ("bulk_down_1", "bulk_up_1", "bulk_down_8", "bulk_up_8", "rr_p50",
-                       "cps_64", "cpu_conn"):
+                       "cps_64", "cpu_conn", "cpu_conn_all"):
             row = got.get((mode, figure))
             assert row and row.get("value"), (mode, figure, row)
     assert "| Bulk download, 1 flow" in result.stdout  # the markdown table
+    for mode in ("direct", "proxyvpn", "redsocks"):  # the sum covers every process
+        row = got[(mode, "cpu_conn_all")]
+        assert row["value"] == pytest.approx(sum(row["cpu_us_per_conn"].values()), abs=0.5)
+        assert row["value"] > got[(mode, "cpu_conn")]["value"]
     assert root_namespace_state() == before  # the lab was built in namespaces and removed
