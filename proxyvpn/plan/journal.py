@@ -230,13 +230,11 @@ def journal_tun_name(applied: object, recorded: object) -> object:
                  if isinstance(op, dict) and op.get("kind") == "CreateTun"), None)
 
 
-def _journal_tun(ops: tuple[Op, ...], recorded: object) -> str | None:
-    """The TUN of the journal: state["tun"] (what `up` records), else its CreateTun."""
-    if recorded is None:
-        recorded = next((op.name for op in ops if isinstance(op, CreateTun)), None)
-    if recorded is not None and not valid_ifname(recorded):
-        raise ValueError(f"the recorded TUN {_show(recorded)} is not a valid interface name")
-    return recorded if isinstance(recorded, str) else None
+def _valid_tun(name: object) -> str | None:
+    """The journal's TUN name (journal_tun_name) if it is a valid one; else ValueError."""
+    if name is not None and not valid_ifname(name):
+        raise ValueError(f"the recorded TUN {_show(name)} is not a valid interface name")
+    return name if isinstance(name, str) else None
 
 
 def _check_consistent(ops: tuple[Op, ...]) -> None:
@@ -266,7 +264,7 @@ def journal_ops(applied: object, recorded_tun: object = None) -> tuple[Op, ...]:
         except (ValueError, TypeError) as exc:
             raise ValueError(f"operation {number}: {str(exc)[:80]}") from None
     result = tuple(ops)
-    tun = _journal_tun(result, recorded_tun)
+    tun = _valid_tun(journal_tun_name(applied, recorded_tun))
     for number, op in enumerate(result, 1):
         reason = check_op(op, tun)
         if reason is not None:
