@@ -15,6 +15,7 @@ import signal
 import socket
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -117,7 +118,9 @@ def run_up(config: Config) -> int:
             # after the cleanup: its facts (which iptables tables exist) must not include
             # what that run left.
             try:
-                probe_proxy(resolve_proxy(config), config.proxy.port, config.connect_timeout)
+                # Resolved once: the plan lets through exactly the addresses probed.
+                config = replace(config, proxy_ips=resolve_proxy(config))
+                probe_proxy(config.proxy_ips, config.proxy.port, config.connect_timeout)
             except (ConfigError, ProxyUnreachableError) as exc:
                 if state.read() is None:
                     raise
