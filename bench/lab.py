@@ -210,6 +210,10 @@ def make_lab(max_fds: int = MAX_FDS) -> BenchLab:
 # --------------------------------------------------------------------------- modes
 
 
+ENGINE_COUNTERS = ("packets_in", "packets_out", "tun_reads", "tun_writes")
+"""proxyvpn counters a bulk line reports (their ratios: packets per TUN read and write)."""
+
+
 class Mode:
     """One way of getting the client's TCP to the server through the proxy."""
 
@@ -243,6 +247,10 @@ class Mode:
         return self.lab.established_at_proxy()
 
     def diagnostics(self) -> dict:
+        return {}
+
+    def engine_counters(self) -> dict[str, int]:
+        """The relay's own packet counters, where it has any (proxyvpn's stats file)."""
         return {}
 
 
@@ -306,6 +314,13 @@ class ProxyVpn(Mode):
             return {"proxyvpn_stats": self.lab.stats()}
         except (OSError, ValueError):
             return {}
+
+    def engine_counters(self) -> dict[str, int]:
+        try:
+            stats = self.lab.stats()
+        except (OSError, ValueError):
+            return {}
+        return {k: int(stats.get(k, 0)) for k in ENGINE_COUNTERS}
 
 
 class Redsocks(Mode):

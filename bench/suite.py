@@ -111,6 +111,7 @@ class Runner:
         """CPU seconds each process used inside the block, and the wall time."""
         pids = self.pids(mode)
         net0 = self.lab.client_counters()
+        engine0 = mode.engine_counters()
         before = {name: procstat.cpu_seconds(pid) for name, pid in pids.items()}
         t0 = time.monotonic()
         box: dict = {}
@@ -120,6 +121,11 @@ class Runner:
                         for name, pid in pids.items()}
         net1 = self.lab.client_counters()
         box["client_ns"] = {k: v - net0.get(k, 0) for k, v in net1.items()}
+        # The stats file is rewritten once a second: these lag by up to that, so their
+        # ratios (packets per TUN read or write) say more than their sums.
+        engine1 = mode.engine_counters()
+        if engine1:
+            box["engine"] = {k: v - engine0.get(k, 0) for k, v in engine1.items()}
 
     def record(self, mode: Mode, figure: str, value: float | None, **details) -> dict:
         row = {"figure": figure, "mode": mode.name, "value": value, "unit": UNITS[figure],
@@ -151,6 +157,8 @@ class Runner:
             out = self.client(mode, direction, "--bytes", str(size), "--conns", str(conns))
         out["cpu_s"] = meter["cpu_s"]
         out["client_ns"] = meter["client_ns"]
+        if "engine" in meter:
+            out["engine"] = meter["engine"]
         out["wall_s"] = round(meter["wall_s"], 3)
         if out.get("ok"):
             secs = out["seconds"]
@@ -171,7 +179,8 @@ class Runner:
                 gb = out["bytes"] / 1e9
                 self.record(mode, figure, round(out["bytes_per_s"] / MB, 1), bytes=out["bytes"],
                             seconds=out["seconds"], flows=conns, cpu_s=out["cpu_s"],
-                            cpu_util=out["cpu_util"], client_ns=out["client_ns"])
+                            cpu_util=out["cpu_util"], client_ns=out["client_ns"],
+                            **({"engine": out["engine"]} if "engine" in out else {}))
                 if conns == 1:
                     per_gb = {k: round(v / gb, 3) for k, v in out["cpu_s"].items()}
                     main = "proxy" if mode.name == "direct" else mode.name

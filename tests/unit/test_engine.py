@@ -10,6 +10,9 @@ import asyncio
 import socket
 from types import SimpleNamespace
 
+import pytest
+
+from bench import hotpath
 from proxyvpn.aio import engine as engine_module
 from proxyvpn.config import Config
 from proxyvpn.netstack import wire
@@ -29,10 +32,10 @@ def test_a_failing_packet_is_counted_and_the_batch_goes_on(monkeypatch, caplog):
                                       ours.fileno())
         real = engine._on_packet
 
-        def on_packet(packet: bytes, now: float) -> None:
-            if wire.parse(packet)[3] == 1111:
+        def on_packet(packet: bytes, parsed: tuple, now: float) -> None:
+            if parsed[3] == 1111:
                 raise RuntimeError("a bug in the stack")
-            real(packet, now)
+            real(packet, parsed, now)
 
         monkeypatch.setattr(engine, "_on_packet", on_packet)
         for sport in (1111, 2222, 1111, 3333):  # ACKs of no flow: each gets a RST
@@ -55,3 +58,81 @@ def test_a_failing_packet_is_counted_and_the_batch_goes_on(monkeypatch, caplog):
         asyncio.run(body())
     errors = [r for r in caplog.records if "internal error" in r.getMessage()]
     assert len(errors) == 1, "logged once, then only counted"
+
+
+# ---------------------------------------------------------------- ACK coalescing
+
+def _ack(sport: int = 40000, seq: int = 5000, ack: int = 100, flags: int = wire.ACK,
+         payload: bytes = b"") -> tuple:
+    return wire.parse(wire.build(4, SRC, DST, sport, 443, seq, ack, flags, 65535, payload))
+
+
+@pytest.mark.parametrize("a, b, superseded", [
+    (_ack(ack=100), _ack(ack=200), True),
+    (_ack(ack=0xFFFFFFF0), _ack(ack=0x10), True),  # across the wrap
+    (_ack(ack=100), _ack(ack=100, flags=wire.ACK | wire.PSH, payload=b"x"), False),  # same ACK
+    (_ack(ack=100), _ack(ack=200, flags=wire.ACK | wire.PSH, payload=b"x"), True),  # data, more
+    (_ack(ack=100), _ack(ack=100), False),  # a duplicate ACK counts (RFC 5681)
+    (_ack(ack=200), _ack(ack=100), False),  # older
+    (_ack(ack=100), _ack(ack=0x80000064), False),  # half the space ahead: not "more"
+    (_ack(ack=100, flags=wire.ACK | wire.PSH, payload=b"x"), _ack(ack=200), False),  # a has data
+    (_ack(ack=100, flags=wire.ACK | wire.FIN), _ack(ack=200), False),  # a has a FIN
+    (_ack(ack=100), _ack(ack=200, flags=wire.RST | wire.ACK), False),
+    (_ack(ack=100), _ack(ack=200, flags=wire.SYN | wire.ACK), False),
+    (_ack(ack=100), _ack(ack=200, sport=40001), False),  # another flow
+    (_ack(ack=100), _ack(ack=200, seq=5001), False),  # another receive point
+    (_ack(ack=100), 3, False),  # b was dropped by parse()
+])
+def test_which_pure_acks_the_next_packet_supersedes(a, b, superseded):
+    assert engine_module._superseded(a, b) is superseded
+
+
+def _segments(lab: hotpath.Lab, nbytes: int) -> list[tuple[int, int]]:
+    lab.flow.tunnel_data(bytes(nbytes))
+    segs = [s for s in lab.drain() if s[1] > 0]
+    assert len(segs) >= 3
+    return segs
+
+
+def _run_lab(body) -> None:
+    async def main() -> None:
+        lab = hotpath.Lab(pure=False)
+        try:
+            body(lab)
+        finally:
+            lab.close()
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_a_batch_of_acks_ends_where_acking_one_by_one_does(batched):
+    """Only the last of a read batch's cumulative ACKs is processed, and the flow ends up
+    where processing each would have left it: all acknowledged, the last window."""
+    def body(lab: hotpath.Lab) -> None:
+        segs = _segments(lab, 200_000)
+        windows = [0xFFFF - i for i in range(len(segs))]
+        for (seq, n), window in zip(segs, windows, strict=True):
+            lab.app_send(b"", (seq + n) & 0xFFFFFFFF, window=window)
+            if not batched:
+                lab.engine._on_readable()
+        lab.engine._on_readable()
+        conn = lab.flow.conn
+        assert conn.send_queued == 0 and conn.snd_una == conn.snd_max
+        assert conn.snd_wnd == windows[-1] << 7
+        assert lab.engine.stats["acks_coalesced"] == (len(segs) - 1 if batched else 0)
+        assert lab.engine.stats["packets_in"] >= len(segs)  # skipped ones are counted in
+    _run_lab(body)
+
+
+def test_duplicate_acks_in_one_batch_still_start_fast_retransmit():
+    def body(lab: hotpath.Lab) -> None:
+        segs = _segments(lab, 200_000)
+        first_end = (segs[0][0] + segs[0][1]) & 0xFFFFFFFF
+        for _ in range(4):  # the ACK of segment 1, then three duplicates of it
+            lab.app_send(b"", first_end)
+        lab.engine._on_readable()
+        assert lab.engine.stats["acks_coalesced"] == 0
+        resent = [s for s in lab.drain() if s[1] > 0]
+        assert resent and resent[0][0] == first_end, "segment 2 is sent again at once"
+        assert lab.flow.conn.retransmits == 1
+    _run_lab(body)
