@@ -103,22 +103,40 @@ class Engine:
         if self.poller is not None and sum(map(len, packets)) > BULK_BYTES:
             self.poller.bulk()  # by the batch: with a small --mtu no packet is bulk-sized
         parse, vnet = self.wire.parse, self.vnet
-        parsed = [parse(packet, vnet=vnet) for packet in packets]
+        parsed: list[tuple | int | None] = []
+        for packet in packets:
+            try:
+                parsed.append(parse(packet, vnet=vnet))
+            except Exception:
+                parsed.append(None)
+                self._packet_failed()
         last = len(parsed) - 1
         for i, packet in enumerate(packets):
+            p = parsed[i]
+            if p is None:
+                continue
             try:
-                if i < last and _superseded(parsed[i], parsed[i + 1]):
+                if i < last and _superseded(p, parsed[i + 1]) and self._coalesce(p):
                     self._skip(packet)
                     continue
-                self._on_packet(packet, parsed[i], now)
+                self._on_packet(packet, p, now)
             except Exception:
-                # A bug, not bad input (parse drops and counts that): it costs this one
-                # packet -- the app retransmits -- not the rest of the batch.
-                self.stats["packet_errors"] += 1
-                if self.stats["packet_errors"] == 1:
-                    log.exception("internal error handling a TUN packet (dropped; further "
-                                  "ones are counted as packet_errors)")
+                self._packet_failed()
         self.transmit()
+
+    def _packet_failed(self) -> None:
+        # A bug, not bad input (parse drops and counts that): it costs this one packet --
+        # the app retransmits -- not the rest of the batch.
+        self.stats["packet_errors"] += 1
+        if self.stats["packet_errors"] == 1:
+            log.exception("internal error handling a TUN packet (dropped; further "
+                          "ones are counted as packet_errors)")
+
+    def _coalesce(self, parsed: tuple) -> bool:
+        """Whether its connection lets a superseded pure ACK go unprocessed: it must
+        exist (else the ACK gets its RST) and agree (TcpConnection.coalesce_ack)."""
+        flow = self.flows.get((parsed[1], parsed[3], parsed[2], parsed[4]))
+        return flow is not None and flow.conn.coalesce_ack()
 
     def _skip(self, packet: bytes) -> None:
         """A pure ACK the next packet of the batch supersedes (see _superseded)."""
@@ -432,8 +450,9 @@ def _superseded(a: tuple | int, b: tuple | int) -> bool:
     (RFC 9293 §3.10.7.4's SND.WL1/WL2 rule would take it over ``a``'s), its timestamp
     echo the more recent, and an ``a`` that was a duplicate ACK (RFC 5681) is stale, since
     ``b`` shows the hole filled. A receiver's stretch ACK is the same thing (RFC 5681 §4.2
-    allows one per two segments; Linux GRO hands them up much larger), and congestion
-    control counts the bytes ``b`` acknowledges.
+    allows one per two segments; Linux GRO hands them up much larger). The connection
+    still has its say (TcpConnection.coalesce_ack): slow start credits ``b`` with the
+    growth ``a`` would have given, and in fast recovery every ACK is processed.
     """
     if type(a) is not tuple or type(b) is not tuple:
         return False

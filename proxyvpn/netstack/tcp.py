@@ -275,6 +275,7 @@ class TcpConnection:
         "_cwnd",
         "_ssthresh",
         "_ca_acc",
+        "_ack_credit",
         "_dupacks",
         "_in_recovery",
         "_recover",
@@ -379,6 +380,8 @@ class TcpConnection:
         self._cwnd = 10 * self._smss  # RFC 6928 / the brief: IW = 10 segments
         self._ssthresh = 1 << 40  # RFC 5681 §3.1: "arbitrarily high"
         self._ca_acc = 0
+        self._ack_credit = 0
+        """Pure ACKs coalesced into the next one (coalesce_ack): slow-start growth they add."""
         self._dupacks = 0
         self._in_recovery = False
         self._recover = 0
@@ -490,6 +493,17 @@ class TcpConnection:
         return t
 
     # ------------------------------------------------------------------ user calls
+
+    def coalesce_ack(self) -> bool:
+        """The engine would leave out a pure ACK that the app's next segment supersedes
+        (aio/engine.py ``_superseded``): True if that is fine, and then the next new ACK
+        grows the slow-start window as much as both would have (RFC 3465's limit of
+        2*SMSS applies per ACK the app sent). False in fast recovery, where every ACK
+        moves the window by itself (RFC 6582 §3.2 steps 3-4)."""
+        if self._in_recovery:
+            return False
+        self._ack_credit += 1
+        return True
 
     def accept(self, now: float) -> None:
         """The proxy answered 2xx: answer the pending SYN with a SYN-ACK.
@@ -851,7 +865,8 @@ class TcpConnection:
             self._dupacks = 0
             if self._cwnd < self._ssthresh:
                 # Slow start with RFC 3465 appropriate byte counting, L = 2*SMSS.
-                self._cwnd += acked if acked < 2 * smss else 2 * smss
+                limit = 2 * smss * (1 + self._ack_credit)
+                self._cwnd += acked if acked < limit else limit
             else:
                 self._ca_acc += acked
                 if self._ca_acc >= self._cwnd:
@@ -859,6 +874,7 @@ class TcpConnection:
                     self._cwnd += smss
             if self._cwnd > 1 << 32:
                 self._cwnd = 1 << 32
+        self._ack_credit = 0
         # RFC 6298 §5.2/§5.3: stop the timer when all is acknowledged, else restart.
         self._rtx_deadline = now + self._rto if self.snd_nxt > a else None
 

@@ -119,6 +119,8 @@ def test_a_batch_of_acks_ends_where_acking_one_by_one_does(batched):
         conn = lab.flow.conn
         assert conn.send_queued == 0 and conn.snd_una == conn.snd_max
         assert conn.snd_wnd == windows[-1] << 7
+        assert conn.cwnd == 10 * conn.send_mss + sum(n for _, n in segs), \
+            "slow start grows by every ACK the app sent, coalesced or not"
         assert lab.engine.stats["acks_coalesced"] == (len(segs) - 1 if batched else 0)
         assert lab.engine.stats["packets_in"] >= len(segs)  # skipped ones are counted in
     _run_lab(body)
@@ -136,3 +138,72 @@ def test_duplicate_acks_in_one_batch_still_start_fast_retransmit():
         assert resent and resent[0][0] == first_end, "segment 2 is sent again at once"
         assert lab.flow.conn.retransmits == 1
     _run_lab(body)
+
+
+def test_in_fast_recovery_every_ack_is_processed():
+    """RFC 6582: each partial ACK retransmits the next hole and deflates the window by
+    itself, so none is coalesced."""
+    def body(lab: hotpath.Lab) -> None:
+        segs = _segments(lab, 300_000)
+        ends = [(seq + n) & 0xFFFFFFFF for seq, n in segs]
+        for _ in range(4):  # the ACK of segment 1, three duplicates: fast recovery
+            lab.app_send(b"", ends[0])
+        lab.engine._on_readable()
+        lab.drain()
+        lab.app_send(b"", ends[1])  # two partial ACKs in one batch
+        lab.app_send(b"", ends[2])
+        lab.engine._on_readable()
+        assert lab.engine.stats["acks_coalesced"] == 0
+        assert lab.flow.conn.retransmits == 2  # segment 2, then the hole after the batch
+    _run_lab(body)
+
+
+def test_acks_of_no_flow_each_get_their_reset():
+    async def body() -> None:
+        ours, tun_side = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        ours.setblocking(False)
+        engine = engine_module.Engine(Config(proxy=None), SimpleNamespace(credentials=None),
+                                      ours.fileno())
+        tun_side.send(wire.build(4, SRC, DST, 2222, 443, 1000, 5000, wire.ACK, 65535))
+        tun_side.send(wire.build(4, SRC, DST, 2222, 443, 1000, 6000, wire.ACK, 65535))
+        engine._on_readable()
+        assert engine.stats["resets_sent"] == 2 and engine.stats["acks_coalesced"] == 0
+        ours.close()
+        tun_side.close()
+    asyncio.run(body())
+
+
+def test_a_packet_that_parse_fails_on_costs_that_packet_only(monkeypatch):
+    async def body() -> None:
+        ours, tun_side = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        ours.setblocking(False)
+        engine = engine_module.Engine(Config(proxy=None), SimpleNamespace(credentials=None),
+                                      ours.fileno())
+        real = engine.wire
+
+        class Wire:
+            def __getattr__(self, name: str):
+                return getattr(real, name)
+
+            def parse(self, packet: bytes, vnet: bool = False):
+                result = real.parse(packet, vnet=vnet)
+                if result[3] == 1111:
+                    raise RuntimeError("a bug in parse")
+                return result
+
+        monkeypatch.setattr(engine, "wire", Wire())
+        for sport in (1111, 2222, 3333):
+            tun_side.send(_segment(sport, wire.ACK))
+        engine._on_readable()
+        tun_side.setblocking(False)
+        resets = []
+        while True:
+            try:
+                resets.append(wire.parse(tun_side.recv(65536)))
+            except BlockingIOError:
+                break
+        assert sorted(r[4] for r in resets) == [2222, 3333]
+        assert engine.stats["packet_errors"] == 1
+        ours.close()
+        tun_side.close()
+    asyncio.run(body())
