@@ -100,6 +100,11 @@ class Engine:
             return
         now = self._loop.time()
         self.stats["tun_reads"] += 1
+        self.stats["packets_in"] += len(packets)
+        if self._pcap:
+            stamp = time.time()
+            for packet in packets:
+                self._pcap.writepkt(packet, stamp)
         if self.poller is not None and sum(map(len, packets)) > BULK_BYTES:
             self.poller.bulk()  # by the batch: with a small --mtu no packet is bulk-sized
         parse, vnet = self.wire.parse, self.vnet
@@ -117,7 +122,7 @@ class Engine:
                 continue
             try:
                 if i < last and _superseded(p, parsed[i + 1]) and self._coalesce(p):
-                    self._skip(packet)
+                    self.stats["acks_coalesced"] += 1
                     continue
                 self._on_packet(packet, p, now)
             except Exception:
@@ -138,18 +143,9 @@ class Engine:
         flow = self.flows.get((parsed[1], parsed[3], parsed[2], parsed[4]))
         return flow is not None and flow.conn.coalesce_ack()
 
-    def _skip(self, packet: bytes) -> None:
-        """A pure ACK the next packet of the batch supersedes (see _superseded)."""
-        self.stats["packets_in"] += 1
-        self.stats["acks_coalesced"] += 1
-        if self._pcap:
-            self._pcap.writepkt(packet, time.time())
-
     def _on_packet(self, packet: bytes, parsed: tuple | int, now: float) -> None:
-        """One packet from the TUN, as ``parse`` gave it (a tuple, or a drop reason)."""
-        self.stats["packets_in"] += 1
-        if self._pcap:
-            self._pcap.writepkt(packet, time.time())
+        """One packet from the TUN, as ``parse`` gave it (a tuple, or a drop reason);
+        _on_readable counted it and wrote it to the capture."""
         if type(parsed) is int:
             self.stats["drop_" + self.wire.DROP_REASONS[parsed].lower()] += 1
             return

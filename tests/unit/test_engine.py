@@ -20,16 +20,33 @@ from proxyvpn.netstack import wire
 SRC, DST = socket.inet_aton("10.0.0.2"), socket.inet_aton("10.9.9.9")
 
 
+def _engine_on_socket_pair() -> tuple[socket.socket, socket.socket, engine_module.Engine]:
+    """An engine reading one end of a SOCK_SEQPACKET pair (call inside a running loop)."""
+    ours, tun_side = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    ours.setblocking(False)
+    engine = engine_module.Engine(Config(proxy=None), SimpleNamespace(credentials=None),
+                                  ours.fileno())
+    return ours, tun_side, engine
+
+
+def _written(tun_side: socket.socket) -> list[tuple]:
+    """Every packet the engine wrote, parsed."""
+    tun_side.setblocking(False)
+    out = []
+    while True:
+        try:
+            out.append(wire.parse(tun_side.recv(65536)))
+        except BlockingIOError:
+            return out
+
+
 def _segment(sport: int, flags: int) -> bytes:
     return wire.build(4, SRC, DST, sport, 443, 1000, 5000, flags, 65535)
 
 
 def test_a_failing_packet_is_counted_and_the_batch_goes_on(monkeypatch, caplog):
     async def body() -> None:
-        ours, tun_side = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        ours.setblocking(False)
-        engine = engine_module.Engine(Config(proxy=None), SimpleNamespace(credentials=None),
-                                      ours.fileno())
+        ours, tun_side, engine = _engine_on_socket_pair()
         real = engine._on_packet
 
         def on_packet(packet: bytes, parsed: tuple, now: float) -> None:
@@ -41,13 +58,7 @@ def test_a_failing_packet_is_counted_and_the_batch_goes_on(monkeypatch, caplog):
         for sport in (1111, 2222, 1111, 3333):  # ACKs of no flow: each gets a RST
             tun_side.send(_segment(sport, wire.ACK))
         engine._on_readable()
-        tun_side.setblocking(False)
-        resets = []
-        while True:
-            try:
-                resets.append(wire.parse(tun_side.recv(65536)))
-            except BlockingIOError:
-                break
+        resets = _written(tun_side)
         assert sorted(r[4] for r in resets) == [2222, 3333]  # RSTs to the healthy ones
         assert all(r[7] & wire.RST for r in resets)
         assert engine.stats["packet_errors"] == 2
@@ -160,10 +171,7 @@ def test_in_fast_recovery_every_ack_is_processed():
 
 def test_acks_of_no_flow_each_get_their_reset():
     async def body() -> None:
-        ours, tun_side = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        ours.setblocking(False)
-        engine = engine_module.Engine(Config(proxy=None), SimpleNamespace(credentials=None),
-                                      ours.fileno())
+        ours, tun_side, engine = _engine_on_socket_pair()
         tun_side.send(wire.build(4, SRC, DST, 2222, 443, 1000, 5000, wire.ACK, 65535))
         tun_side.send(wire.build(4, SRC, DST, 2222, 443, 1000, 6000, wire.ACK, 65535))
         engine._on_readable()
@@ -175,10 +183,7 @@ def test_acks_of_no_flow_each_get_their_reset():
 
 def test_a_packet_that_parse_fails_on_costs_that_packet_only(monkeypatch):
     async def body() -> None:
-        ours, tun_side = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        ours.setblocking(False)
-        engine = engine_module.Engine(Config(proxy=None), SimpleNamespace(credentials=None),
-                                      ours.fileno())
+        ours, tun_side, engine = _engine_on_socket_pair()
         real = engine.wire
 
         class Wire:
@@ -195,13 +200,7 @@ def test_a_packet_that_parse_fails_on_costs_that_packet_only(monkeypatch):
         for sport in (1111, 2222, 3333):
             tun_side.send(_segment(sport, wire.ACK))
         engine._on_readable()
-        tun_side.setblocking(False)
-        resets = []
-        while True:
-            try:
-                resets.append(wire.parse(tun_side.recv(65536)))
-            except BlockingIOError:
-                break
+        resets = _written(tun_side)
         assert sorted(r[4] for r in resets) == [2222, 3333]
         assert engine.stats["packet_errors"] == 1
         ours.close()
