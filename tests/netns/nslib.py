@@ -38,6 +38,9 @@ class Netns:
         name = f"{prefix}-{secrets.token_hex(3)}"
         _run(["ip", "netns", "add", name])
         ns = cls(name)
+        # No duplicate address detection for the link-local addresses of its links: on a
+        # veth nobody else can hold them, and DAD would hold each one tentative ~1 s.
+        ns.run("sysctl", "-qw", "net.ipv6.conf.default.accept_dad=0")
         ns.run("ip", "link", "set", "lo", "up")
         return ns
 
