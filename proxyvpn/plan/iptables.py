@@ -41,6 +41,8 @@ TABLES = ("filter", "mangle")
 
 # Router solicitation, neighbour solicitation and advertisement (RFC 4861).
 _ND_TYPES6 = ("133", "135", "136")
+# MLD reports and dones, to link-scope groups only (why: nft.py's _MLD_TYPES).
+_MLD_TYPES6 = ("131", "132", "143")
 
 
 @dataclass(frozen=True)
@@ -123,6 +125,7 @@ def _killswitch_rules(config: Config, family: int, proxies: Sequence[str],
         # To the DHCP servers' group only, from the client port (see nft.py).
         rules.append(acc.format("-d ff02::1:2 -p udp --sport 546 --dport 547"))
         rules += [acc.format(f"-p ipv6-icmp --icmpv6-type {t}") for t in _ND_TYPES6]
+        rules += [acc.format(f"-d ff02::/16 -p ipv6-icmp --icmpv6-type {t}") for t in _MLD_TYPES6]
         rejected = "icmp6-adm-prohibited"
     rules += [
         # A TCP reset makes blocked connections fail at once instead of timing out.

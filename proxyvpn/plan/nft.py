@@ -50,6 +50,11 @@ _LOCAL6 = ("::1/128", "fe80::/10", "ff00::/8")
 # Neighbour discovery must pass the killswitch or IPv6 on the LAN (and so the route to
 # the proxy) breaks; router solicitations keep SLAAC working.
 _ND_TYPES = ("nd-router-solicit", "nd-neighbor-solicit", "nd-neighbor-advert")
+# Multicast listener reports, to link-scope groups only: a switch that snoops MLD stops
+# forwarding the neighbour solicitations for our solicited-node group (and so IPv6 on the
+# LAN breaks) once it hears no report from us.
+_MLD_TYPES = ("mld-listener-report", "mld-listener-done", "mld2-listener-report")
+_LINK_SCOPE_MULTICAST6 = "ff02::/16"
 
 
 @dataclass(frozen=True)
@@ -379,6 +384,9 @@ def _killswitch_rules(config: Config, select: bool = False) -> list[tuple[Stmt, 
          _port("udp", "dport", 547), _ACCEPT),
         (_match(_payload("icmpv6", "type"), {"set": list(_ND_TYPES)},
                 "{ " + ", ".join(_ND_TYPES) + " }"), _ACCEPT),
+        (_match(_payload("ip6", "daddr"), *_element(_LINK_SCOPE_MULTICAST6)),
+         _match(_payload("icmpv6", "type"), {"set": list(_MLD_TYPES)},
+                "{ " + ", ".join(_MLD_TYPES) + " }"), _ACCEPT),
         # A TCP reset makes blocked connections fail at once instead of timing out.
         (_match(_meta("l4proto"), "tcp", "tcp"), _COUNTER,
          Stmt({"reject": {"type": "tcp reset"}}, "reject with tcp reset")),

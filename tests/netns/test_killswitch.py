@@ -33,6 +33,8 @@ from topology import (
 
 CLIENT_ADDRS = {ipaddress.ip_address(CLIENT4), ipaddress.ip_address(CLIENT6)}
 PROXY_ADDRS = {ipaddress.ip_address(ROUTER4_C), ipaddress.ip_address(ROUTER6_C)}
+MLD_TYPES = (131, 132, 143)  # listener report, done, MLDv2 report
+LINK_SCOPE_MULTICAST6 = ipaddress.ip_network("ff02::/16")
 
 
 @contextmanager
@@ -87,6 +89,8 @@ def leaks(packets: list[tuple], sources: set, allowed_dns=PROXY_ADDRS) -> list[t
         if proto in ("UDP", "TCP") and dport == 53 and dst in allowed_dns:
             continue
         if proto == "ICMP6" and icmp6_type in (133, 135, 136):  # RS, NS, NA
+            continue
+        if proto == "ICMP6" and icmp6_type in MLD_TYPES and dst in LINK_SCOPE_MULTICAST6:
             continue
         bad.append((str(src), str(dst), proto, dport))
     return bad
@@ -156,6 +160,29 @@ def test_killswitch_blocks_everything_but_the_proxy(lab, backend):
     assert dns_ok.returncode == 0  # the allowed resolver stays reachable
     assert leaks(packets, client_sources(lab)) == []
     assert any(p[2] == "TCP" and p[3] == PROXY_PORT for p in packets), "no proxy traffic seen"
+
+
+JOIN_GROUP = """
+import socket, struct, sys, time
+s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+group = socket.inet_pton(socket.AF_INET6, "ff02::1:ff77:77")
+s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_JOIN_GROUP,
+             group + struct.pack("@I", socket.if_nametoindex(sys.argv[1])))
+time.sleep(0.2)
+s.close()  # leaving sends a report too
+"""
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_multicast_listener_reports_pass_the_killswitch(lab, backend):
+    """A switch that snoops MLD stops forwarding neighbour solicitations to a host it
+    hears no reports from, which would cut the LAN (and the proxy) off."""
+    start_vpn_with(lab, backend)
+    with capture(lab) as packets:
+        lab.client.run(PYTHON, "-c", JOIN_GROUP, lab.client_if)
+    reports = [p for p in packets if p[0] in client_sources(lab) and p[4] == 143]
+    assert reports and all(p[1] == ipaddress.ip_address("ff02::16") for p in reports), packets
+    assert leaks(packets, client_sources(lab)) == []
 
 
 def test_dead_proxy_fails_fast_without_leaking_then_recovers(lab):

@@ -99,6 +99,7 @@ def test_killswitch_rules_v4_and_v6():
     f6 = section(v6.text, "filter").splitlines()[1:]
     for rule in ("-d ff02::1:2 -p udp --sport 546 --dport 547 -j RETURN",
                  "-p ipv6-icmp --icmpv6-type 135 -j RETURN",
+                 "-d ff02::/16 -p ipv6-icmp --icmpv6-type 143 -j RETURN",
                  "-j REJECT --reject-with icmp6-adm-prohibited"):
         assert f"-A PROXYVPN {rule}" in f6, rule
     # Neither the IPv4 proxy nor the IPv4 resolver appears in ip6tables rules.
