@@ -139,6 +139,12 @@ def _anon_set(values: Iterable[str]) -> tuple[Any, str]:
     return {"set": [e[0] for e in elems]}, "{ " + ", ".join(e[1] for e in elems) + " }"
 
 
+def _literal_set(values: Iterable[str | int]) -> tuple[Any, str]:
+    """An anonymous set of literal values (ports, ids, ICMPv6 type names), as is."""
+    vals = list(values)
+    return {"set": vals}, "{ " + ", ".join(map(str, vals)) + " }"
+
+
 def _daddr(family: int) -> tuple[dict[str, Any], str]:
     return _payload("ip" if family == 4 else "ip6", "daddr")
 
@@ -183,7 +189,7 @@ def _skid(key: str, ids: Sequence[int]) -> Stmt:
     # fsgid), so `sg GROUP cmd` and `setpriv --regid` select a process by group.
     if len(ids) == 1:
         return _match(_meta(key), ids[0], str(ids[0]))
-    return _match(_meta(key), {"set": list(ids)}, "{ " + ", ".join(map(str, ids)) + " }")
+    return _match(_meta(key), *_literal_set(ids))
 
 
 def _in_cgroup_set(level: int, name: str) -> Stmt:
@@ -367,7 +373,7 @@ def _killswitch_rules(config: Config, select: bool = False) -> list[tuple[Stmt, 
                           _port("tcp", "dport", config.proxy.port), _ACCEPT))
     for family in (4, 6):
         rules.append((
-            _match(_meta("l4proto"), {"set": ["tcp", "udp"]}, "{ tcp, udp }"),
+            _match(_meta("l4proto"), *_literal_set(("tcp", "udp"))),
             _port("th", "dport", 53),
             _in_set(family, f"dns{family}"),
             _ACCEPT,
@@ -382,11 +388,9 @@ def _killswitch_rules(config: Config, select: bool = False) -> list[tuple[Stmt, 
         # from the client port: "udp dport 547" alone let any process reach any host.
         (_match(_payload("ip6", "daddr"), "ff02::1:2", "ff02::1:2"), _port("udp", "sport", 546),
          _port("udp", "dport", 547), _ACCEPT),
-        (_match(_payload("icmpv6", "type"), {"set": list(_ND_TYPES)},
-                "{ " + ", ".join(_ND_TYPES) + " }"), _ACCEPT),
+        (_match(_payload("icmpv6", "type"), *_literal_set(_ND_TYPES)), _ACCEPT),
         (_match(_payload("ip6", "daddr"), *_element(_LINK_SCOPE_MULTICAST6)),
-         _match(_payload("icmpv6", "type"), {"set": list(_MLD_TYPES)},
-                "{ " + ", ".join(_MLD_TYPES) + " }"), _ACCEPT),
+         _match(_payload("icmpv6", "type"), *_literal_set(_MLD_TYPES)), _ACCEPT),
         # A TCP reset makes blocked connections fail at once instead of timing out.
         (_match(_meta("l4proto"), "tcp", "tcp"), _COUNTER,
          Stmt({"reject": {"type": "tcp reset"}}, "reject with tcp reset")),
