@@ -37,11 +37,23 @@ setup() {
   if [ ! -x "$VENV/bin/python" ]; then
     "$PY" -m venv "$VENV"
   fi
-  "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null
-  "$VENV/bin/python" -m pip install -q -e '.[test]'
+  # The editable install (dependencies, and a mypyc build in an isolated environment)
+  # takes a minute: redo it only when what it depends on changed.
+  local stamp="$VENV/.proxyvpn-install" want
+  want=$(cat pyproject.toml setup.py proxyvpn/_compiled.py | sha256sum)
+  if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+    "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null
+    "$VENV/bin/python" -m pip install -q -e '.[test]'
+    echo "$want" >"$stamp"
+  fi
   # Editable installs build the extension into the source tree; make sure it is current.
   PYTHONWARNINGS=ignore "$VENV/bin/python" setup.py -q build_ext --inplace >/dev/null
   "$VENV/bin/python" -c "import proxyvpn._fastpath" || { echo "dev.sh: C extension did not build" >&2; exit 1; }
+  # The mypyc-compiled stack is optional at run time but expected here: say so if it is missing.
+  PROXYVPN_INTERPRETED=0 "$VENV/bin/python" -c "
+import importlib, proxyvpn._compiled as c
+missing = [m for m in c.COMPILED if not c.is_compiled(importlib.import_module(m))]
+assert not missing, missing" || { echo "dev.sh: the mypyc build of the stack did not load" >&2; exit 1; }
 }
 
 case "${1:-}" in

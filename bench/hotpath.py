@@ -28,7 +28,6 @@ import asyncio
 import json
 import socket
 import time
-from types import SimpleNamespace
 
 from proxyvpn.aio.engine import Engine
 from proxyvpn.aio.flow import Flow
@@ -36,6 +35,7 @@ from proxyvpn.config import Config
 from proxyvpn.netstack import fast
 from proxyvpn.netstack.tcp import TcpConnection
 from proxyvpn.netstack.wire import VNET_HDR_LEN as VNET
+from proxyvpn.relay.dial import ProxyEndpoint
 
 APP, DST = socket.inet_aton("10.0.0.2"), socket.inet_aton("10.9.9.9")
 APP_PORT, DST_PORT = 40000, 443
@@ -46,6 +46,8 @@ READS = (150_000, 110_000, 160_000, 120_000)  # proxy recv() sizes, cycled
 ACK_BATCH_READS = 2
 """Proxy reads between two TUN reads of the app's ACKs: ~5 ACKs a TUN read, as the
 namespace suite's 1-flow download shows (its bulk lines' `engine` counters)."""
+UNUSED_PROXY = ProxyEndpoint(scheme="http", host="proxy.invalid", port=3128, addresses=("192.0.2.1",))
+"""The flow is made established by hand: nothing dials the proxy."""
 SEG = 65_483  # the app's GSO segment payload (64 KiB less headers and timestamps)
 
 
@@ -95,7 +97,7 @@ class Lab:
         self._ours = ours
         self.wire = fast.select(pure=pure)
         self.engine = Engine(Config(proxy=None, pure_python=pure),
-                             SimpleNamespace(credentials=None), ours.fileno(), vnet=True)
+                             UNUSED_PROXY, ours.fileno(), vnet=True)
         engine = self.engine
         now = engine._loop.time()
         self.ts = 1

@@ -3,4 +3,8 @@
 CLI -> config -> plan -> system (apply); TUN -> netstack -> relay, driven by aio.
 """
 
+from proxyvpn import _compiled
+
 __version__ = "0.1.0"
+
+_compiled.install_if_asked()

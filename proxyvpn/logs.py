@@ -143,4 +143,5 @@ class FlowLogger(logging.LoggerAdapter):
     """Prefixes each message with the flow: `[10.0.0.2:5512 -> 1.2.3.4:443] ...`."""
 
     def process(self, msg: Any, kwargs: MutableMapping[str, Any]) -> tuple[Any, MutableMapping[str, Any]]:
-        return f"[{self.extra['flow']}] {msg}", kwargs
+        extra = self.extra or {}
+        return f"[{extra['flow']}] {msg}", kwargs

@@ -21,7 +21,7 @@ import stat
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from proxyvpn.aio.busypoll import BULK_BYTES, BusyPollSelector
 from proxyvpn.aio.flow import Flow
@@ -121,7 +121,8 @@ class Engine:
             if p is None:
                 continue
             try:
-                if i < last and _superseded(p, parsed[i + 1]) and self._coalesce(p):
+                if (i < last and _superseded(p, parsed[i + 1])
+                        and self._coalesce(cast(tuple, p))):
                     self.stats["acks_coalesced"] += 1
                     continue
                 self._on_packet(packet, p, now)
@@ -146,7 +147,7 @@ class Engine:
     def _on_packet(self, packet: bytes, parsed: tuple | int, now: float) -> None:
         """One packet from the TUN, as ``parse`` gave it (a tuple, or a drop reason);
         _on_readable counted it and wrote it to the capture."""
-        if type(parsed) is int:
+        if isinstance(parsed, int):
             self.stats["drop_" + self.wire.DROP_REASONS[parsed].lower()] += 1
             return
         (family, src, dst, sport, dport, seq, ack, flags, window,
@@ -369,7 +370,7 @@ class Engine:
         except OSError as exc:
             # The kernel refused one packet (e.g. EINVAL for a bogus one): count it, go on.
             self.stats["tun_write_errors"] += 1
-            log.debug("TUN write failed: %s", errno.errorcode.get(exc.errno, exc))
+            log.debug("TUN write failed: %s", errno.errorcode.get(exc.errno or 0, exc))
             return
         if written < len(packets):
             self._backlog = packets[written:]
@@ -435,7 +436,7 @@ _PURE_ACK = fast.ACK
 _CONTROL = fast.SYN | fast.RST | fast.FIN | fast.ACK
 
 
-def _superseded(a: tuple | int, b: tuple | int) -> bool:
+def _superseded(a: tuple | int, b: tuple | int | None) -> bool:
     """Whether pure ACK ``a`` says nothing that ``b``, the next packet of the same read
     batch, does not say too, so that ``a`` need not be processed at all.
 
@@ -467,18 +468,21 @@ def _open_pcap(path: Path, vnet: bool = False) -> Any:
     import dpkt
 
     fh = os.fdopen(_create_private(path), "wb")  # closed in Engine.stop
-    writer = dpkt.pcap.Writer(fh, snaplen=65535, linktype=dpkt.pcap.DLT_RAW)
+    return _Pcap(dpkt.pcap.Writer(fh, snaplen=65535, linktype=dpkt.pcap.DLT_RAW), vnet)
 
-    class _Pcap:
-        def writepkt(self, packet: bytes, stamp: float) -> None:
-            if vnet:
-                packet = strip_vnet(packet)
-            writer.writepkt(packet, ts=stamp)
 
-        def close(self) -> None:
-            writer.close()
+class _Pcap:
+    def __init__(self, writer: Any, vnet: bool) -> None:
+        self._writer = writer
+        self._vnet = vnet
 
-    return _Pcap()
+    def writepkt(self, packet: bytes, stamp: float) -> None:
+        if self._vnet:
+            packet = strip_vnet(packet)
+        self._writer.writepkt(packet, ts=stamp)
+
+    def close(self) -> None:
+        self._writer.close()
 
 
 _PRIVATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -542,7 +546,7 @@ async def run_engine(config: Config, plan: Any, tun: Any, state_dir: Path,
     """Run until SIGINT/SIGTERM; returns why it stopped. ``poller``: the running loop's
     selector, when it is a BusyPollSelector."""
     assert config.proxy is not None
-    endpoint = ProxyEndpoint(scheme=config.proxy.scheme, host=config.proxy.host,
+    endpoint = ProxyEndpoint(scheme=cast(Any, config.proxy.scheme), host=config.proxy.host,
                              port=config.proxy.port, addresses=tuple(plan.proxy_ips),
                              credentials=config.proxy.credentials)
     engine = Engine(config, endpoint, tun.fd, vnet=tun.vnet, pcap_path=config.pcap, poller=poller)
@@ -552,9 +556,12 @@ async def run_engine(config: Config, plan: Any, tun: Any, state_dir: Path,
     # asyncio resets a removed handler to the default (for SIGTERM: die on the spot), so
     # the caller's own handlers are put back afterwards.
     previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    def on_signal(signum: int) -> None:
+        if not stopped.done():
+            stopped.set_result(signal.Signals(signum).name)
+
     for signum in previous:
-        loop.add_signal_handler(signum, lambda s=signum: stopped.done() or stopped.set_result(
-            signal.Signals(s).name))
+        loop.add_signal_handler(signum, on_signal, signum)
     engine.start()
     stats_path = state_dir / "stats.json"
     stats_failed = False

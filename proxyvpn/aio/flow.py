@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from proxyvpn.aio.busypoll import BULK_BYTES
 from proxyvpn.logs import FlowLogger
@@ -85,10 +85,11 @@ class Flow:
         while (event := conn.next_event()) is not None:
             kind = type(event)
             if kind is DataReceived:
+                data = cast(DataReceived, event).data
                 if chunks is None:
-                    chunks = [event.data]
+                    chunks = [data]
                 else:
-                    chunks.append(event.data)
+                    chunks.append(data)
                 continue
             if chunks is not None:
                 self._to_tunnel(chunks)

@@ -75,7 +75,7 @@ class SendBuffer:
             if a == start and b == end:
                 return chunk
             return memoryview(chunk)[a - start : b - start]
-        parts = [memoryview(chunk)[a - start :]]
+        parts: list[bytes | memoryview] = [memoryview(chunk)[a - start :]]
         pos = end
         while pos < b:
             i += 1

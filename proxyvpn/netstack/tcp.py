@@ -963,6 +963,7 @@ class TcpConnection:
         self, payload: bytes | bytearray | memoryview, lo: int, hi: int, now: float
     ) -> None:
         """Emit in-order text ``payload[lo:hi]`` (which starts at RCV.NXT)."""
+        data: bytes | memoryview
         if type(payload) is memoryview and type(payload.obj) is bytes:
             # A view of an immutable packet may be kept as it is: the 64 KiB copy per
             # offloaded segment was the one memcpy left on the upload path.

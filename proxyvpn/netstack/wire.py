@@ -243,7 +243,7 @@ def parse(packet: object, verify_checksum: bool = True, vnet: bool = False) -> P
         if buf[0] & (_VNET_F_NEEDS_CSUM | _VNET_F_DATA_VALID):
             verify = False
         result = _parse_ip(buf[VNET_HDR_LEN:], verify)
-        if type(result) is int:
+        if isinstance(result, int):
             return result
         return (*result[:9], result[9] + VNET_HDR_LEN, result[10] + VNET_HDR_LEN,
                 *result[11:])  # type: ignore[return-value]
@@ -655,7 +655,7 @@ def write_batch(fd: int, packets: Iterable[object]) -> int:
     written = 0
     for v in views:
         try:
-            os.writev(f, v) if type(v) is list else os.write(f, v)
+            os.writev(f, v) if isinstance(v, list) else os.write(f, v)
         except OSError as exc:
             if exc.errno in (_errno.EAGAIN, _errno.ENOBUFS):
                 break

@@ -166,12 +166,12 @@ class TunnelProtocol(asyncio.Protocol):
         self._tls = transport.get_extra_info("sslcontext") is not None
         # Our own marks instead of asyncio's 64 KiB default: a flow relays bulk
         # data and a deeper buffer keeps the pipe full while the app side reacts.
-        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_LOW_WATER)
+        self.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_LOW_WATER)
         if log.isEnabledFor(logging.DEBUG):  # getpeername() is a syscall
             log.debug("CONNECT %s via %s", self.target, transport.get_extra_info("peername"))
         # Never log the request: it may carry Proxy-Authorization. Drop our
         # copy once sent so the credentials do not outlive the handshake here.
-        transport.write(self._request)
+        self.transport.write(self._request)
         self._request = b""
 
     def data_received(self, data: bytes) -> None:
@@ -438,7 +438,7 @@ class Dial:
         self._cause: str | None = None  # why the last address failed
         self._sock: socket.socket | None = None  # ours until a transport owns it
         self._connecting = False  # a writer callback waits for connect() to finish
-        self._transport: asyncio.BaseTransport | None = None
+        self._transport: asyncio.Transport | None = None
         self._task: asyncio.Task | None = None
         self._phase = "connect"
         self._done = False
@@ -550,7 +550,7 @@ class Dial:
             self._finish(ProxyUnreachableError(self._endpoint.addresses,
                                                f"TLS handshake with {host} failed: {exc}"))
             return
-        self._transport = transport
+        self._transport = cast(asyncio.Transport, transport)
         if not self._done:
             self._phase = "CONNECT response"
 

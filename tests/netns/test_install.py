@@ -29,6 +29,8 @@ import pytest
 from nslib import REPO, assert_same_snapshot, wait_for
 from topology import PROXY_PORT, ROUTER4_C, SERVER4
 
+from proxyvpn._compiled import COMPILED
+
 NET_ADMIN = 1 << 12
 INSTALL_TIMEOUT = 300
 
@@ -160,6 +162,17 @@ def test_install_layout_and_capability(installed: Installed):
     assert f"launcher\t{installed.launcher}\t" in manifest
     assert f"group\t{installed.group}" in manifest
     assert f"created group {installed.group}" in installed.install_output
+
+
+def test_installed_stack_is_the_compiled_build(installed: Installed):
+    # The wheel carries the mypyc build of the stack; an install that quietly fell back
+    # to the interpreted source would work, only slower, and no other test would notice.
+    probe = ("import importlib, proxyvpn._compiled as c\n"
+             "print(sorted(m for m in c.COMPILED if c.is_compiled(importlib.import_module(m))))")
+    python = installed.prefix / "venv" / "bin" / "python"
+    result = _run([str(python), "-I", "-c", probe], env={"PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(sorted(COMPILED))
 
 
 def test_outsider_cannot_run_it(installed: Installed):

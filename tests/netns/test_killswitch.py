@@ -246,8 +246,11 @@ def test_up_after_a_crash_keeps_the_host_closed_while_the_proxy_is_down(lab, bac
 
 
 FAILING_UP = r"""
-import sys
+import os, sys
+# A compiled class's methods cannot be replaced: run the engine from its source.
+os.environ["PROXYVPN_INTERPRETED"] = "1"
 from proxyvpn.aio import engine
+assert engine.__file__.endswith(".py"), engine.__file__
 calls = [0]
 real = engine.Engine.snapshot_stats
 def failing(self):  # the stats loop asks once a second: the third time, a bug strikes
