@@ -1,7 +1,9 @@
 """The modules that setup.py compiles with mypyc, and the switch to run them interpreted.
 
-They are the per-packet and per-connection path: the TCP state machine and the engine
-around it. Compiled, the same source runs as C: attribute access and calls between its
+They are the per-packet and per-connection path: the TCP state machine, the engine
+around it and the proxy side (dial, tunnel, transport). relay/connect.py stays
+interpreted: its functions promise a ValueError for any bad argument, which compiled
+annotations would turn into TypeErrors, and it runs once per connection. Compiled, the same source runs as C: attribute access and calls between its
 classes become struct loads and C calls, and the interpreter's share of a byte's cost
 shrinks (see README, Performance). The .py files stay the one source: without the build
 (no mypy at hand) they run interpreted, only slower.
@@ -33,6 +35,8 @@ COMPILED: tuple[str, ...] = (
     "proxyvpn.netstack.tcp",
     "proxyvpn.aio.flow",
     "proxyvpn.aio.engine",
+    "proxyvpn.relay.transport",
+    "proxyvpn.relay.dial",
 )
 """Dotted names; setup.py turns them into paths."""
 

@@ -29,7 +29,7 @@ from proxyvpn.netstack.tcp import (
 
 if TYPE_CHECKING:
     from proxyvpn.aio.engine import Engine
-    from proxyvpn.relay.dial import Dial, TunnelProtocol
+    from proxyvpn.relay.dial import Dial, Tunnel
 
 log = logging.getLogger("proxyvpn.flow")
 
@@ -52,7 +52,7 @@ class Flow:
         self.conn = conn
         self.dst_host = dst_host
         self.dst_port = dst_port
-        self.tunnel: TunnelProtocol | None = None
+        self.tunnel: Tunnel | None = None
         self.dial: Dial | None = None
         """The proxy dial while it runs."""
         self.pending = bytearray()
@@ -163,7 +163,7 @@ class Flow:
 
     # ------------------------------------------------------------ proxy -> stack
 
-    def attach(self, tunnel: TunnelProtocol) -> None:
+    def attach(self, tunnel: Tunnel) -> None:
         self.tunnel = tunnel
         tunnel.attach(self)
 

@@ -94,7 +94,8 @@ class ProxyEndpoint:
             f"addresses={self.addresses!r}, credentials={creds!r})"
         )
 
-    __str__ = __repr__
+    def __str__(self) -> str:  # (not `__str__ = __repr__`: mypyc cannot compile that)
+        return self.__repr__()
 
 
 class TunnelSink(Protocol):
@@ -115,6 +116,24 @@ class TunnelSink(Protocol):
 
     def tunnel_writable(self) -> None:
         """The write buffer drained below the low-water mark; writing may resume."""
+
+
+class Tunnel(Protocol):
+    """What the owner of an established tunnel does with it: :class:`TunnelProtocol`.
+
+    Typed as a protocol, not as the class, so that a stand-in (the benchmarks' and
+    tests' sinks) can take its place: compiled code checks class annotations at run time.
+    """
+
+    def attach(self, sink: TunnelSink) -> None: ...
+    def write(self, data: bytes | memoryview) -> None: ...
+    def writelines(self, chunks: list[bytes | memoryview]) -> None: ...
+    def write_eof(self) -> None: ...
+    def write_buffer_size(self) -> int: ...
+    def pause_reading(self) -> None: ...
+    def resume_reading(self) -> None: ...
+    def close(self) -> None: ...
+    def abort(self) -> None: ...
 
 
 class TunnelProtocol(asyncio.Protocol):

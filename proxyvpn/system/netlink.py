@@ -11,6 +11,7 @@ import errno
 import functools
 import ipaddress
 import os
+import signal
 import socket
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -34,13 +35,33 @@ def _oserror(exc: NetlinkError, what: str) -> OSError:
     return OSError(code, f"{os.strerror(code)} ({what})")
 
 
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
+@contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM until a netlink request is done.
+
+    `up` turns them into KeyboardInterrupt wherever Python happens to be; inside
+    pyroute2 that is its private event loop, which is left with a half-run async
+    generator and prints a traceback when it is collected. Held, the signal arrives
+    the moment the request returns, and the rollback runs exactly as before.
+    """
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 def _translate(what: str) -> Callable[[F], F]:
-    """Re-raise NetlinkError as OSError(errno, 'strerror (what)')."""
+    """Re-raise NetlinkError as OSError(errno, 'strerror (what)'); signals wait for the end."""
     def deco(func: F) -> F:
         @functools.wraps(func)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             try:
-                return func(*args, **kwargs)
+                with _signals_deferred():
+                    return func(*args, **kwargs)
             except NetlinkError as exc:
                 raise _oserror(exc, what) from exc
         return wrapper  # type: ignore[return-value]
@@ -55,11 +76,13 @@ class Netlink:
     """One rtnetlink socket (pyroute2 IPRoute) in the caller's network namespace."""
 
     def __init__(self) -> None:
-        self._ipr = IPRoute()
+        with _signals_deferred():
+            self._ipr = IPRoute()
 
     def close(self) -> None:
         """Close the netlink socket."""
-        self._ipr.close()
+        with _signals_deferred():
+            self._ipr.close()
 
     def __enter__(self) -> Netlink:
         return self
@@ -72,7 +95,8 @@ class Netlink:
     def index(self, name: str) -> int:
         """Interface index; OSError(ENODEV) when there is no such link."""
         try:
-            found = self._ipr.link_lookup(ifname=name)
+            with _signals_deferred():
+                found = self._ipr.link_lookup(ifname=name)
         except NetlinkError as exc:
             raise _oserror(exc, f"link {name}") from exc
         if not found:

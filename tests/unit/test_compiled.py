@@ -20,7 +20,7 @@ from proxyvpn import _compiled
 
 REPO = Path(__file__).resolve().parents[2]
 STACK_TESTS = ["test_tcp.py", "test_tcp_fuzz.py", "test_engine.py", "test_sendbuf.py",
-               "test_seq.py", "test_pcap.py"]
+               "test_seq.py", "test_pcap.py", "test_dial.py", "test_transport.py"]
 
 
 def _loaded(env: dict[str, str]) -> dict[str, bool]:

@@ -604,6 +604,7 @@ def test_timeout_while_connecting_keeps_why_earlier_addresses_failed() -> None:
         run(body(port))
 
 
+@pytest.mark.interpreted
 def test_cancel_after_the_tunnel_came_up_but_before_the_caller_resumed() -> None:
     """open_tunnel settled, then its task is cancelled before it runs again: nobody
     will own the tunnel, so it must be closed, not left open and reading."""
@@ -659,6 +660,7 @@ def test_start_tunnel_reports_an_immediate_failure_synchronously() -> None:
     run(body())
 
 
+@pytest.mark.interpreted
 @pytest.mark.parametrize("finished", [True, False], ids=["inside-connect", "later"])
 def test_connect_that_finished_inside_the_call_goes_straight_on(
         monkeypatch: pytest.MonkeyPatch, finished: bool) -> None:

@@ -1,0 +1,40 @@
+"""The `interpreted` marker: tests that replace or subclass parts of the compiled stack."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from proxyvpn import _compiled
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "interpreted: monkeypatches or subclasses a compiled class or function; "
+        "in the compiled build it runs in a child with PROXYVPN_INTERPRETED=1")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
+    """Run an `interpreted` test from the source, in a child, when the stack is compiled.
+
+    Compiled methods cannot be replaced and compiled classes cannot be subclassed from
+    Python; what such a test checks is the source's behaviour, which the compiled build
+    shares. The test passes only if it passed in the child: it is never skipped.
+    """
+    if pyfuncitem.get_closest_marker("interpreted") is None or os.environ.get(_compiled.ENV) == "1":
+        return None
+    env = {**os.environ, _compiled.ENV: "1", "PYTHONPATH": str(REPO)}
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", pyfuncitem.nodeid],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=100)
+    assert result.returncode == 0 and re.search(r"^1 passed in", result.stdout, re.M), \
+        f"interpreted run of {pyfuncitem.nodeid} failed:\n{result.stdout[-3000:]}{result.stderr[-1000:]}"
+    return True
