@@ -51,8 +51,8 @@ setup() {
   "$VENV/bin/python" -c "import proxyvpn._fastpath" || { echo "dev.sh: C extension did not build" >&2; exit 1; }
   # The mypyc-compiled stack is optional at run time but expected here: say so if it is missing.
   PROXYVPN_INTERPRETED=0 "$VENV/bin/python" -c "
-import importlib, proxyvpn._compiled as c
-missing = [m for m in c.COMPILED if not c.is_compiled(importlib.import_module(m))]
+import proxyvpn._compiled as c
+missing = [m for m, compiled in c.loaded().items() if not compiled]
 assert not missing, missing" || { echo "dev.sh: the mypyc build of the stack did not load" >&2; exit 1; }
 }
 

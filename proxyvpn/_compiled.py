@@ -3,7 +3,9 @@
 They are the per-packet and per-connection path: the TCP state machine, the engine
 around it and the proxy side (dial, tunnel, transport). relay/connect.py stays
 interpreted: its functions promise a ValueError for any bad argument, which compiled
-annotations would turn into TypeErrors, and it runs once per connection. Compiled, the same source runs as C: attribute access and calls between its
+annotations would turn into TypeErrors, and it runs once per connection.
+
+Compiled, the same source runs as C: attribute access and calls between its
 classes become struct loads and C calls, and the interpreter's share of a byte's cost
 shrinks (see README, Performance). The .py files stay the one source: without the build
 (no mypy at hand) they run interpreted, only slower.
@@ -19,6 +21,7 @@ for the tests that prove the source alone still works.
 
 from __future__ import annotations
 
+import importlib
 import importlib.abc
 import importlib.machinery
 import importlib.util
@@ -63,3 +66,8 @@ def install_if_asked() -> None:
 def is_compiled(module: ModuleType) -> bool:
     """Whether ``module`` was loaded from a compiled extension, not from its source."""
     return isinstance(getattr(module, "__loader__", None), importlib.machinery.ExtensionFileLoader)
+
+
+def loaded() -> dict[str, bool]:
+    """{module of COMPILED: whether it was imported compiled} (importing them all)."""
+    return {name: is_compiled(importlib.import_module(name)) for name in COMPILED}

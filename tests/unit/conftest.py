@@ -21,6 +21,20 @@ def pytest_configure(config: pytest.Config) -> None:
         "in the compiled build it runs in a child with PROXYVPN_INTERPRETED=1")
 
 
+def run_interpreted(*pytest_args: str, timeout: float) -> subprocess.CompletedProcess:
+    """pytest ``pytest_args`` in a child that imports the compiled modules from source."""
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *pytest_args],
+        cwd=REPO, env={**os.environ, _compiled.ENV: "1", "PYTHONPATH": str(REPO)},
+        capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(name="run_interpreted")
+def run_interpreted_fixture():
+    """:func:`run_interpreted`, for tests (a conftest is not imported by name)."""
+    return run_interpreted
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
     """Run an `interpreted` test from the source, in a child, when the stack is compiled.
@@ -31,10 +45,7 @@ def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
     """
     if pyfuncitem.get_closest_marker("interpreted") is None or os.environ.get(_compiled.ENV) == "1":
         return None
-    env = {**os.environ, _compiled.ENV: "1", "PYTHONPATH": str(REPO)}
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", pyfuncitem.nodeid],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=100)
+    result = run_interpreted(pyfuncitem.nodeid, timeout=100)
     assert result.returncode == 0 and re.search(r"^1 passed in", result.stdout, re.M), \
         f"interpreted run of {pyfuncitem.nodeid} failed:\n{result.stdout[-3000:]}{result.stderr[-1000:]}"
     return True

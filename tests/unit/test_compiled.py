@@ -7,7 +7,6 @@ so the stack's unit tests run once more here with the compiled modules switched 
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import subprocess
@@ -24,10 +23,8 @@ STACK_TESTS = ["test_tcp.py", "test_tcp_fuzz.py", "test_engine.py", "test_sendbu
 
 
 def _loaded(env: dict[str, str]) -> dict[str, bool]:
-    """{module: compiled?} as a fresh interpreter with ``env`` imports them."""
-    code = ("import importlib, json; from proxyvpn import _compiled as c; "
-            "print(json.dumps({m: c.is_compiled(importlib.import_module(m)) "
-            "for m in c.COMPILED}))")
+    """:func:`_compiled.loaded` in a fresh interpreter with ``env``."""
+    code = "import json; from proxyvpn import _compiled as c; print(json.dumps(c.loaded()))"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, check=True,
                          capture_output=True, text=True, timeout=60).stdout
     return json.loads(out)
@@ -42,9 +39,7 @@ def _env(**extra: str) -> dict[str, str]:
 def test_the_suite_runs_the_compiled_stack():
     """dev.sh builds every module of COMPILED: a build that silently fell back to the
     source would leave the suite testing something users do not run."""
-    for name in _compiled.COMPILED:
-        module = importlib.import_module(name)
-        assert _compiled.is_compiled(module), f"{name} is not compiled: {module.__file__}"
+    assert _compiled.loaded() == dict.fromkeys(_compiled.COMPILED, True)
 
 
 def test_interpreted_switch_loads_every_module_from_its_source():
@@ -52,11 +47,8 @@ def test_interpreted_switch_loads_every_module_from_its_source():
     assert _loaded(_env(PROXYVPN_INTERPRETED="1")) == dict.fromkeys(_compiled.COMPILED, False)
 
 
-def test_the_stack_passes_its_unit_tests_interpreted():
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x",
-         *(str(REPO / "tests" / "unit" / name) for name in STACK_TESTS)],
-        cwd=REPO, env=_env(PROXYVPN_INTERPRETED="1"), capture_output=True, text=True,
-        timeout=110)
+def test_the_stack_passes_its_unit_tests_interpreted(run_interpreted):
+    result = run_interpreted("-x", *(str(REPO / "tests" / "unit" / name) for name in STACK_TESTS),
+                             timeout=110)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     assert " passed" in result.stdout and "skipped" not in result.stdout
