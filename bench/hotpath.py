@@ -69,6 +69,9 @@ class Sink:
     def write_buffer_size(self) -> int:
         return 0
 
+    def unacknowledged(self) -> int:
+        return 0
+
     def pause_reading(self) -> None:
         pass
 

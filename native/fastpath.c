@@ -57,6 +57,8 @@ static const char *const drop_names[DROP_COUNT] = {
 #define DEFAULT_TTL 64
 #define IPV4_DF 0x4000
 #define MAX_IP_LEN 0xffffu
+#define MAX_TCP_OPTIONS 40 /* RFC 9293 §3.1: what the data offset can describe */
+#define MAX_SACK_BLOCKS 4  /* RFC 2018 §3: what 40 bytes of options can hold */
 /* virtio_net_hdr (include/uapi/linux/virtio_net.h), prepended to every packet read
  * from or written to a TUN opened with IFF_VNET_HDR. Legacy virtio: fields in the
  * host's byte order (the TUN is not switched with TUNSETVNETLE/BE). */
@@ -701,10 +703,12 @@ static PyObject *emit(const flow_t *f, uint32_t seq, unsigned flags, const uint8
 PyDoc_STRVAR(build_doc,
 "build($module, /, family, src, dst, sport, dport, seq, ack, flags, window,\n"
 "      payload=b'', mss=0, wscale=-1, sack_permitted=False, tsval=-1, tsecr=0,\n"
-"      gso_size=-1, split=False)\n--\n\n"
+"      sack=(), gso_size=-1, split=False)\n--\n\n"
 "One complete IP+TCP packet with correct checksums. Options: MSS 02 04 hi lo\n"
 "(mss > 0), then 01 01 04 02 (sack_permitted), then 01 01 08 0a tsval tsecr\n"
-"(tsval >= 0), then 01 03 03 shift (wscale >= 0).\n"
+"(tsval >= 0), then 01 01 05 len and the edges of sack (a tuple of up to four\n"
+"(left, right) pairs of 32-bit values), then 01 03 03 shift (wscale >= 0); at most\n"
+"40 bytes of options.\n"
 "gso_size >= 0: prefix a virtio_net_hdr for an IFF_VNET_HDR TUN, leave the TCP\n"
 "checksum partial (NEEDS_CSUM), and mark a payload longer than gso_size (> 0) as\n"
 "TCP GSO with that segment size. split (with gso_size >= 0 and a payload): return\n"
@@ -716,15 +720,17 @@ static PyObject *fp_build(PyObject *Py_UNUSED(mod), PyObject *const *args, Py_ss
     static const char *const names[] = {"family", "src", "dst", "sport", "dport",
                                         "seq", "ack", "flags", "window", "payload",
                                         "mss", "wscale", "sack_permitted", "tsval",
-                                        "tsecr", "gso_size", "split"};
-    PyObject *a[17], *res = NULL;
+                                        "tsecr", "sack", "gso_size", "split"};
+    PyObject *a[18], *res = NULL;
     build_args_t b;
     long long mss = 0, wscale = -1, tsval = -1, tsecr = 0, gso_size = -1;
+    long long edges[2 * MAX_SACK_BLOCKS];
+    Py_ssize_t nedges = 0, i;
     int sack = 0, split = 0;
-    uint8_t opts[24];
+    uint8_t opts[64]; /* every option at once would be 60 bytes; 40 are allowed */
     size_t optlen = 0, paylen;
 
-    if (get_args("build", names, 17, 9, args, nargs, kwnames, a) < 0)
+    if (get_args("build", names, 18, 9, args, nargs, kwnames, a) < 0)
         return NULL;
     if (get_build_args(a, &b) < 0)
         goto done;
@@ -739,9 +745,24 @@ static PyObject *fp_build(PyObject *Py_UNUSED(mod), PyObject *const *args, Py_ss
         goto done;
     if (a[14] != NULL && get_int(a[14], 0, 0xffffffffLL, "tsecr", &tsecr) < 0)
         goto done;
-    if (a[15] != NULL && get_int(a[15], -1, 0xffff, "gso_size", &gso_size) < 0)
+    if (a[15] != NULL) {
+        /* SACK blocks (RFC 2018 §3), validated like wire._sack_blocks. */
+        if (!PyTuple_CheckExact(a[15])) {
+            PyErr_Format(PyExc_TypeError, "sack must be a tuple, not %s", Py_TYPE(a[15])->tp_name);
+            goto done;
+        }
+        nedges = PyTuple_GET_SIZE(a[15]);
+        if (nedges % 2 || nedges > 2 * MAX_SACK_BLOCKS) {
+            PyErr_SetString(PyExc_ValueError, "sack must hold 0 to 4 (left, right) pairs");
+            goto done;
+        }
+        for (i = 0; i < nedges; i++)
+            if (get_int(PyTuple_GET_ITEM(a[15], i), 0, 0xffffffffLL, "sack edge", &edges[i]) < 0)
+                goto done;
+    }
+    if (a[16] != NULL && get_int(a[16], -1, 0xffff, "gso_size", &gso_size) < 0)
         goto done;
-    if (a[16] != NULL && (split = PyObject_IsTrue(a[16])) < 0)
+    if (a[17] != NULL && (split = PyObject_IsTrue(a[17])) < 0)
         goto done;
     if (mss > 0) {
         opts[optlen++] = 2;
@@ -764,11 +785,23 @@ static PyObject *fp_build(PyObject *Py_UNUSED(mod), PyObject *const *args, Py_ss
         put32(opts + optlen + 4, (uint32_t)tsecr);
         optlen += 8;
     }
+    if (nedges) { /* NOP NOP kind 5 length, then the edges */
+        opts[optlen++] = 1;
+        opts[optlen++] = 1;
+        opts[optlen++] = 5;
+        opts[optlen++] = (uint8_t)(2 + 4 * nedges);
+        for (i = 0; i < nedges; i++, optlen += 4)
+            put32(opts + optlen, (uint32_t)edges[i]);
+    }
     if (wscale >= 0) {
         opts[optlen++] = 1;
         opts[optlen++] = 3;
         opts[optlen++] = 3;
         opts[optlen++] = (uint8_t)wscale;
+    }
+    if (optlen > MAX_TCP_OPTIONS) {
+        PyErr_SetString(PyExc_ValueError, "TCP options longer than 40 bytes");
+        goto done;
     }
     paylen = b.have_payload ? (size_t)b.payload.len : 0;
     if (paylen > max_tcp_len(b.f.family) - 20 - optlen) {

@@ -52,6 +52,7 @@ def build(
     sack_permitted: bool = False,
     tsval: int = -1,
     tsecr: int = 0,
+    sack: tuple[int, ...] = (),
     gso_size: int = -1,
     split: bool = False,
 ) -> bytes | tuple[bytes, Buffer]: ...

@@ -33,13 +33,17 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("proxyvpn.flow")
 
+EOF_POLL_FIRST = 0.05
+"""Seconds until a held-back FIN first re-checks that the app's bytes reached the proxy;
+the interval doubles up to half_close_delay."""
+
 
 class Flow:
     """Glue between one TcpConnection and one TunnelProtocol (it is the tunnel's sink)."""
 
     __slots__ = ("engine", "key", "family", "conn", "dst_host", "dst_port", "tunnel", "dial",
                  "pending", "pending_eof", "timer_at", "_log", "_closed", "_reading_paused",
-                 "_fin_queued", "_proxy_eof", "last_rx", "_eof_timer", "gso_size")
+                 "_fin_queued", "_proxy_eof", "last_rx", "_eof_timer", "_eof_poll", "gso_size")
 
     def __init__(self, engine: Engine, key: tuple[bytes, int, bytes, int], family: int,
                  conn: TcpConnection, dst_host: str, dst_port: int, gso_size: int = -1) -> None:
@@ -64,6 +68,7 @@ class Flow:
         self._proxy_eof = False  # the destination finished sending (tunnel EOF)
         self.last_rx = 0.0
         self._eof_timer: asyncio.TimerHandle | None = None
+        self._eof_poll = EOF_POLL_FIRST
         self._log: FlowLogger | None = None
 
     @property
@@ -116,9 +121,9 @@ class Flow:
     def _app_half_closed(self, now: float) -> None:
         """The app sent FIN. Many proxies (tinyproxy and squid, measured) tear the whole
         tunnel down when the client half-closes, which would cut off the reply. So the
-        FIN is passed on only once the reply direction has been quiet for
-        half_close_delay seconds: replies still arrive, and servers that wait for EOF
-        still get it."""
+        FIN is passed on only once the proxy has acknowledged every byte of the app's
+        and the reply direction has then been quiet for half_close_delay seconds:
+        replies still arrive, and servers that wait for EOF still get it."""
         delay = self.engine.config.half_close_delay
         if delay <= 0 or self._proxy_eof:
             # With the reply direction already finished there is nothing to cut off:
@@ -130,12 +135,24 @@ class Flow:
 
     def _eof_timer_fired(self) -> None:
         self._eof_timer = None
+        loop = self.engine._loop
+        now = loop.time()
         delay = self.engine.config.half_close_delay
+        tunnel = self.tunnel
+        if tunnel is not None and tunnel.unacknowledged() > 0:
+            # The app's last bytes have not even reached the proxy (a slow or lossy link
+            # to it): the server cannot have answered yet, and a FIN now would let the
+            # proxy drop the tunnel before it does. The quiet wait starts once they are
+            # acknowledged; polled, backing off, since the kernel tells no one.
+            self.last_rx = now
+            self._eof_timer = loop.call_at(now + self._eof_poll, self._eof_timer_fired)
+            self._eof_poll = min(self._eof_poll * 2, max(delay, EOF_POLL_FIRST))
+            return
         quiet_since = self.last_rx + delay
-        if self.engine._loop.time() >= quiet_since:
+        if now >= quiet_since:
             self._forward_eof()
         else:
-            self._eof_timer = self.engine._loop.call_at(quiet_since, self._eof_timer_fired)
+            self._eof_timer = loop.call_at(quiet_since, self._eof_timer_fired)
 
     def _forward_eof(self) -> None:
         if self.tunnel is not None:

@@ -18,8 +18,14 @@ What is implemented, by RFC:
   retransmission), so a loss episode does not leave either side's RTO backed off. The
   app's kernel needs our timestamps for the same reason: without them, an RTO on its
   side is followed by ever-doubling timeouts under sustained loss. No PAWS (§5): the
-  peer is a local kernel, where no old duplicate survives a sequence-number wrap. No
-  SACK: the peer is a local kernel where loss is rare.
+  peer is a local kernel, where no old duplicate survives a sequence-number wrap.
+- RFC 2018 SACK as the receiver, when the app's SYN offered it: every pure ACK sent
+  while out-of-order data is held reports it (the block of the latest arrival first,
+  then the most recently reported ones), and RFC 2883 D-SACK reports a duplicate
+  segment, so the app's kernel repairs several holes per round trip (RFC 6675,
+  RACK-TLP) and detects its spurious retransmissions instead of backing off. The
+  app's SACK blocks on our data are not used (RFC 2018 allows a sender to ignore
+  them): our sends are recovered with NewReno.
 - RFC 6298 retransmission timer (SRTT/RTTVAR, Karn's algorithm, exponential
   back-off), RFC 5681 slow start / congestion avoidance with an initial window of
   10 segments (RFC 6928), fast retransmit on three duplicate ACKs with RFC 6582
@@ -88,6 +94,9 @@ _MAX_DUPACKS_PER_CALL = 16
 _MAX_OOO_SEGMENTS = 4096
 """Bound on the number of out-of-order pieces, whatever their size (memory overhead)."""
 
+_MAX_SACK_RECENT = 4
+"""Out-of-order arrivals remembered for the SACK option (at most 4 blocks fit)."""
+
 _MAX_CTL = 8
 """Bound on queued control RSTs (answers to bad ACKs in SYN-RECEIVED)."""
 
@@ -131,6 +140,9 @@ class TcpParams:
     """Bound on out-of-order bytes held for reassembly; None means ``rcv_buf``."""
     persist_max: float = 60.0
     """Give up zero-window probing after the app has not ACKed for this long."""
+    sack: bool = True
+    """Accept SACK (RFC 2018) when the app's SYN offers it: our ACKs then report the
+    out-of-order data we hold."""
 
     def __post_init__(self) -> None:
         """Validate, and resolve ``max_ooo_bytes`` to its default."""
@@ -169,7 +181,8 @@ class Segment(NamedTuple):
     """One segment for the engine to put in a packet.
 
     A plain tuple underneath, unpackable as
-    ``(seq, ack, flags, window, payload, mss, wscale, sack_permitted, tsval, tsecr)``.
+    ``(seq, ack, flags, window, payload, mss, wscale, sack_permitted, tsval, tsecr, sack)``,
+    the order of :func:`proxyvpn.netstack.wire.build`'s arguments.
     """
 
     seq: int
@@ -187,11 +200,14 @@ class Segment(NamedTuple):
     wscale: int = -1
     """Window scale option to include (SYN-ACK only), else -1."""
     sack_permitted: bool = False
-    """SACK-permitted option; always False (SACK is not implemented)."""
+    """SACK-permitted option (SYN-ACK only, when the app's SYN offered it)."""
     tsval: int = -1
     """Timestamps option TSval (RFC 7323 §3), or -1 for no option."""
     tsecr: int = 0
     """Timestamps option TSecr: the TS.Recent echoed back."""
+    sack: tuple[int, ...] = ()
+    """SACK blocks (RFC 2018 §3, pure ACKs only): 32-bit wire edges, left and right in
+    pairs, a D-SACK block (RFC 2883) first."""
 
 
 _LISTEN = TcpState.LISTEN
@@ -300,6 +316,10 @@ class TcpConnection:
         "_ooo_bytes",
         "_ooo_max",
         "_ooo_fin",
+        "_sack_ok",
+        "_sack_recent",
+        "_dsack_lo",
+        "_dsack_hi",
         "_ack_due",
         "_dupacks_due",
         "_synack_due",
@@ -415,6 +435,12 @@ class TcpConnection:
         mob = params.max_ooo_bytes
         self._ooo_max = params.rcv_buf if mob is None else mob
         self._ooo_fin = -1
+        self._sack_ok = peer_sack_permitted and params.sack
+        self._sack_recent: list[int] = []
+        """Positions of the latest out-of-order arrivals, newest first (RFC 2018 §4)."""
+        self._dsack_lo = -1
+        """A duplicate segment's range to report (RFC 2883), or -1."""
+        self._dsack_hi = -1
 
         self._ack_due = False
         self._dupacks_due = 0
@@ -718,6 +744,11 @@ class TcpConnection:
         seg_len = plen + (1 if fin else 0)
         ok = (0 <= off <= wnd) if seg_len == 0 else (off == 0 or (off < wnd and off + seg_len > 0))
         if not ok:
+            if plen and off < 0 and self._sack_ok and rcv_nxt + off >= 1:
+                # Text we already have (our ACK of it was lost, or the app's
+                # retransmission was spurious): RFC 2883 §4.1.1.
+                self._dsack_lo = rcv_nxt + off
+                self._dsack_hi = rcv_nxt + off + plen
             if state is _TIME_WAIT and fin:
                 # A retransmitted FIN: our last ACK was lost. Re-ACK it and restart
                 # the 2*MSL wait (RFC 9293 §3.10.7.4, TIME-WAIT).
@@ -935,11 +966,21 @@ class TcpConnection:
             end = right
             fin_pos = -1
         start = seg_start if seg_start > rcv_nxt else rcv_nxt
+        if seg_start < rcv_nxt and plen and self._sack_ok and seg_start >= 1:
+            # Partly old: its duplicate head is D-SACKed (RFC 2883 §4.1.1).
+            self._dsack_lo = seg_start
+            self._dsack_hi = min(seg_start + plen, rcv_nxt)
         if start < end:
             if start == rcv_nxt:
                 self._deliver(payload, start - seg_start, end - seg_start, now)
             else:
-                self._ooo_insert(start, payload, start - seg_start, end - seg_start)
+                fresh = self._ooo_insert(start, payload, start - seg_start, end - seg_start)
+                if self._sack_ok:
+                    if fresh:
+                        self._sack_note(start)
+                    else:  # all of it is held already (RFC 2883 §4.1.3)
+                        self._dsack_lo = start
+                        self._dsack_hi = end
                 self._queue_dupack()
         elif plen:
             # Only old text (a retransmission we already have), or text into a zero
@@ -1013,8 +1054,9 @@ class TcpConnection:
 
     def _ooo_insert(
         self, start: int, payload: bytes | bytearray | memoryview, lo: int, hi: int
-    ) -> None:
-        """Hold ``payload[lo:hi]`` (at position ``start``) minus what is already held.
+    ) -> bool:
+        """Hold ``payload[lo:hi]`` (at position ``start``) minus what is already held;
+        False if all of it was held already.
 
         The held pieces stay sorted and disjoint; overlap is trimmed from the new
         segment, and whatever exceeds ``max_ooo_bytes`` is dropped (the app will
@@ -1029,9 +1071,10 @@ class TcpConnection:
         if i:
             prev_end = starts[i - 1] + len(datas[i - 1])
             if prev_end >= end:
-                return
+                return False
             if prev_end > cur:
                 cur = prev_end
+        fresh = False
         new_s: list[int] = []
         new_d: list[bytes] = []
         budget = self._ooo_max - self._ooo_bytes
@@ -1043,6 +1086,7 @@ class TcpConnection:
             if nxt_start > end:
                 nxt_start = end
             if nxt_start > cur:
+                fresh = True
                 take = nxt_start - cur
                 if take > budget:
                     take = budget
@@ -1060,7 +1104,7 @@ class TcpConnection:
                 cur = seg_end
             j += 1
         if not new_s:
-            return
+            return fresh
         if j == i:
             starts[i:i] = new_s
             datas[i:i] = new_d
@@ -1068,6 +1112,7 @@ class TcpConnection:
             pairs = sorted(zip(starts[i:j] + new_s, datas[i:j] + new_d, strict=True))
             starts[i:j] = [p[0] for p in pairs]
             datas[i:j] = [p[1] for p in pairs]
+        return True
 
     def _ooo_drain(self) -> list[bytes]:
         """Pop held pieces that RCV.NXT has reached; advance RCV.NXT past them."""
@@ -1095,6 +1140,78 @@ class TcpConnection:
         self._ooo_starts.clear()
         self._ooo_data.clear()
         self._ooo_bytes = 0
+        self._sack_recent.clear()
+
+    def _ooo_run(self, pos: int) -> tuple[int, int] | None:
+        """The contiguous held range around position ``pos``, or None if not held."""
+        starts = self._ooo_starts
+        datas = self._ooo_data
+        i = bisect_right(starts, pos) - 1
+        if i < 0 or starts[i] + len(datas[i]) <= pos:
+            return None
+        j = i
+        while i > 0 and starts[i - 1] + len(datas[i - 1]) == starts[i]:
+            i -= 1
+        end = starts[j] + len(datas[j])
+        n = len(starts)
+        while j + 1 < n and starts[j + 1] == end:
+            j += 1
+            end += len(datas[j])
+        return starts[i], end
+
+    # ------------------------------------------------------------------ SACK
+
+    def _sack_note(self, pos: int) -> None:
+        """Remember an out-of-order arrival at ``pos`` as the newest (RFC 2018 §4)."""
+        recent = self._sack_recent
+        if recent and recent[0] == pos:
+            return
+        if pos in recent:
+            recent.remove(pos)
+        recent.insert(0, pos)
+        del recent[_MAX_SACK_RECENT:]
+
+    def _sack_option(self) -> tuple[int, ...]:
+        """The SACK blocks for the next pure ACK, as wire edges (RFC 2018 §4, RFC 2883).
+
+        A pending D-SACK block comes first, then the held range containing it if there is
+        one; then the range of the latest out-of-order arrival and those of the arrivals
+        before it, newest first; then any other held ranges, highest first. As many as fit
+        beside the timestamps: 3, else 4.
+        """
+        room = 3 if self._ts_ok else 4
+        blocks: list[tuple[int, int]] = []
+        if self._dsack_lo >= 0:
+            dsack = (self._dsack_lo, self._dsack_hi)
+            blocks.append(dsack)
+            around = self._ooo_run(self._dsack_lo)
+            if around is not None and around != dsack:
+                blocks.append(around)
+            self._dsack_lo = self._dsack_hi = -1
+        recent = self._sack_recent
+        k = 0
+        while k < len(recent):
+            run = self._ooo_run(recent[k])
+            if run is None:
+                del recent[k]  # delivered since (or never held: over the budget)
+                continue
+            if run not in blocks and len(blocks) < room:
+                blocks.append(run)
+            k += 1
+        starts = self._ooo_starts
+        i = len(starts) - 1
+        while i >= 0 and len(blocks) < room:
+            run = self._ooo_run(starts[i])
+            assert run is not None
+            if run not in blocks:
+                blocks.append(run)
+            i = bisect_right(starts, run[0]) - 2  # the piece before this run
+        irs = self.irs
+        edges: list[int] = []
+        for lo, hi in blocks[:room]:
+            edges.append((irs + lo) & SEQ_MASK)
+            edges.append((irs + hi) & SEQ_MASK)
+        return tuple(edges)
 
     # ------------------------------------------------------------------ output
 
@@ -1128,8 +1245,13 @@ class TcpConnection:
         if state in _SEND_STATES:
             sent = self._emit_data(out, now, ack_w, win, tsv, tse)
         ndup = self._dupacks_due
-        if ndup or (self._ack_due and not sent):
-            seg = Segment(self._ack_seq_wire(), ack_w, ACK, win, b"", 0, -1, False, tsv, tse)
+        if ndup or self._dsack_lo >= 0 or (self._ack_due and not sent):
+            # SACK blocks ride on pure ACKs only: on a data segment they would take
+            # payload room the app's MSS (our gso_size) has already counted.
+            sack = (self._sack_option()
+                    if self._sack_ok and (self._ooo_starts or self._dsack_lo >= 0) else ())
+            seg = Segment(self._ack_seq_wire(), ack_w, ACK, win, b"", 0, -1, False, tsv, tse,
+                          sack)
             if ndup > 1:
                 out.extend([seg] * ndup)
             else:
@@ -1163,7 +1285,7 @@ class TcpConnection:
                 b"",
                 self.params.mss,
                 self._rcv_shift if self._wscale_ok else -1,
-                False,
+                self._sack_ok,
                 self._ts_clock(now) if self._ts_ok else -1,
                 self._ts_recent if self._ts_ok else 0,
             )

@@ -130,6 +130,9 @@ _TCP_HDR = struct.Struct("!HHIIBBHHH")
 _IPV4_HDR = struct.Struct("!BBHHHBBH4s4s")
 _IPV6_HDR = struct.Struct("!IHBB16s16s")
 _TS_VALUES = struct.Struct("!II")
+_MAX_OPTIONS = 40
+"""RFC 9293 §3.1: the data offset leaves at most 40 bytes for options."""
+_MAX_SACK_BLOCKS = 4
 
 ParseResult = tuple[
     int, bytes, bytes, int, int, int, int, int, int, int, int, int, int, bool, int, int
@@ -397,13 +400,15 @@ def _addresses(family: object, src: object, dst: object) -> tuple[int, bytes, by
     return fam, bytes(s), bytes(d)
 
 
-def _tcp_options(mss: int, wscale: int, sack: bool, tsval: int, tsecr: int) -> bytes:
+def _tcp_options(mss: int, wscale: int, sack: bool, tsval: int, tsecr: int,
+                 blocks: tuple[int, ...] = ()) -> bytes:
     """TCP option bytes for build(), in this exact order and layout.
 
     Each group is 4-byte aligned, so the options never need trailing padding: MSS
     ``02 04 hi lo`` (if mss > 0), SACK-permitted ``01 01 04 02`` (NOP NOP kind 4, if
     sack_permitted), Timestamps ``01 01 08 0a tsval tsecr`` (NOP NOP kind 8, if
-    tsval >= 0; RFC 7323 Appendix A's layout), window scale ``01 03 03 shift`` (NOP
+    tsval >= 0; RFC 7323 Appendix A's layout), SACK ``01 01 05 len`` and the blocks'
+    edges (NOP NOP kind 5, RFC 2018 §3, if any), window scale ``01 03 03 shift`` (NOP
     kind 3, if wscale >= 0).
     """
     opts = b""
@@ -413,9 +418,25 @@ def _tcp_options(mss: int, wscale: int, sack: bool, tsval: int, tsecr: int) -> b
         opts += b"\x01\x01\x04\x02"
     if tsval >= 0:
         opts += b"\x01\x01\x08\x0a" + _TS_VALUES.pack(tsval, tsecr)
+    if blocks:
+        opts += bytes((1, 1, 5, 2 + 4 * len(blocks))) + struct.pack(f"!{len(blocks)}I", *blocks)
     if wscale >= 0:
         opts += bytes((1, 3, 3, wscale))
+    if len(opts) > _MAX_OPTIONS:
+        raise ValueError("TCP options longer than 40 bytes")
     return opts
+
+
+def _sack_blocks(sack: object) -> tuple[int, ...]:
+    """Validate build()'s ``sack``: a tuple of 32-bit block edges, left and right in
+    pairs, at most four blocks (RFC 2018 §3: what 40 bytes of options can hold)."""
+    if type(sack) is not tuple:
+        raise TypeError(f"sack must be a tuple, not {type(sack).__name__}")
+    if len(sack) % 2 or len(sack) > 2 * _MAX_SACK_BLOCKS:
+        raise ValueError("sack must hold 0 to 4 (left, right) pairs")
+    for edge in sack:
+        _int(edge, 0, _U32, "sack edge")
+    return sack
 
 
 def _max_tcp_len(family: int) -> int:
@@ -481,6 +502,7 @@ def build(
     sack_permitted: bool = False,
     tsval: int = -1,
     tsecr: int = 0,
+    sack: tuple[int, ...] = (),
     gso_size: int = -1,
     split: bool = False,
 ) -> bytes | tuple[bytes, object]:
@@ -489,7 +511,9 @@ def build(
     IPv4: IHL 5, TOS 0, ID 0, DF, TTL 64. IPv6: class 0, flow label 0, hop limit 64.
     Options as in _tcp_options(); urgent pointer 0. ValueError for out-of-range
     fields (wscale must be -1..14, RFC 7323 §2.3; tsval -1 means no Timestamps
-    option), TypeError for wrong types.
+    option; ``sack``: the SACK blocks' edges as 32-bit wire values, (left, right)
+    pairs, at most four, and all options together at most 40 bytes), TypeError for
+    wrong types.
 
     ``gso_size >= 0``: for an IFF_VNET_HDR TUN. The packet gets a virtio_net_hdr
     prefix and a partial TCP checksum (NEEDS_CSUM: the kernel takes CHECKSUM_PARTIAL
@@ -510,11 +534,12 @@ def build(
     pl = _view(payload)
     ms = _int(mss, 0, 0xFFFF, "mss")
     ws = _int(wscale, -1, 14, "wscale")
-    sack = bool(sack_permitted)
+    sackok = bool(sack_permitted)
     tsv = _int(tsval, -1, _U32, "tsval")
     tse = _int(tsecr, 0, _U32, "tsecr")
+    blocks = _sack_blocks(sack)
     gso = _int(gso_size, -1, 0xFFFF, "gso_size")
-    opts = _tcp_options(ms, ws, sack, tsv, tse)
+    opts = _tcp_options(ms, ws, sackok, tsv, tse, blocks)
     if 20 + len(opts) + len(pl) > _max_tcp_len(fam):
         raise ValueError("payload too long for the IP length field")
     pkt = _emit(fam, s, d, struct.pack("!HH", sp, dp), sq, ak, fl, win, opts, pl, gso)

@@ -20,11 +20,14 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import fcntl
 import ipaddress
 import logging
 import os
 import socket
 import ssl
+import struct
+import termios
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, Protocol, cast
@@ -130,6 +133,7 @@ class Tunnel(Protocol):
     def writelines(self, chunks: list[bytes | memoryview]) -> None: ...
     def write_eof(self) -> None: ...
     def write_buffer_size(self) -> int: ...
+    def unacknowledged(self) -> int: ...
     def pause_reading(self) -> None: ...
     def resume_reading(self) -> None: ...
     def close(self) -> None: ...
@@ -414,6 +418,21 @@ class TunnelProtocol(asyncio.Protocol):
         if self.transport is None or self._closed:
             return 0
         return self.transport.get_write_buffer_size()
+
+    def unacknowledged(self) -> int:
+        """Bytes written towards the proxy that its kernel has not acknowledged yet: our
+        queue plus the socket's send queue (SIOCOUTQ: unsent and unacknowledged)."""
+        if self.transport is None or self._closed:
+            return 0
+        queued = self.transport.get_write_buffer_size()
+        sock = self.transport.get_extra_info("socket")
+        if sock is None:
+            return queued
+        try:
+            outq = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+        except OSError:  # closed under us: nothing more will be delivered anyway
+            return queued
+        return queued + int(struct.unpack("i", outq)[0])
 
 
 # --------------------------------------------------------------------------- dialing

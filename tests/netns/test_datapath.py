@@ -171,6 +171,21 @@ def test_proxy_connection_is_released_once_both_directions_ended(lab, app_closes
     assert lingering.strip() == "", lingering
 
 
+def test_half_close_waits_until_the_upload_has_reached_the_proxy(lab):
+    """The app uploads faster than the link to the proxy carries, half-closes, then waits
+    for the server's reply (its digests). squid drops the whole tunnel once our FIN
+    reaches it, so the FIN must wait until the proxy has acknowledged every byte and the
+    reply direction has then been quiet for --half-close-delay, not only the latter:
+    here the upload is still draining seconds after the app's FIN."""
+    lab.client.run("tc", "qdisc", "add", "dev", lab.client_if, "root", "tbf", "rate", "8mbit",
+                   "burst", "32kb", "latency", "50ms")
+    lab.start_server()
+    lab.start_vpn("--half-close-delay", "1")
+    out = client_json(lab, "--host", SERVER4, "--up", str(6 * MB), "--down", "0", check=False)
+    assert out.get("ok"), f"{out}"  # cut off: "EOF after 0 of 64 bytes"
+    assert out["seconds"] > 5, out  # the link really was the bottleneck (~1 MB/s)
+
+
 def test_client_reset_is_relayed_and_flow_forgotten(lab):
     lab.start_server()
     lab.start_vpn()
@@ -359,28 +374,33 @@ s.sendall(struct.pack("!QQ", 0, 0))  # the checksum server's header: nothing eit
 while s.recv(4096):
     pass
 options, snd_mss = info[5], struct.unpack_from("I", info, 16)[0]
-print(options & 1, snd_mss)  # TCPI_OPT_TIMESTAMPS, tcpi_snd_mss
+print(options & 1, options >> 1 & 1, snd_mss)  # TCPI_OPT_TIMESTAMPS, TCPI_OPT_SACK, snd_mss
 """
 
 
-def _app_timestamps(lab, host: str) -> tuple[bool, int]:
-    """(timestamps on, send MSS) of a fresh app connection, from its kernel's TCP_INFO."""
+def _app_options(lab, host: str) -> tuple[bool, bool, int]:
+    """(timestamps on, SACK on, send MSS) of a fresh app connection, from its kernel's
+    TCP_INFO."""
     out = lab.client.run(PYTHON, "-c", _TCP_OPTIONS_PROBE, host).stdout.split()
-    return out[0] == "1", int(out[1])
+    return out[0] == "1", out[1] == "1", int(out[2])
 
 
-def test_app_gets_timestamps_exactly_when_its_kernel_offers_them(lab):
+def test_app_gets_timestamps_and_sack_exactly_when_its_kernel_offers_them(lab):
     """RFC 7323: we answer the app's Timestamps option, so its kernel has an RTT sample on
     every ACK (without one, its RTO backs off for good under loss on the TUN), and we
-    never send the option to a kernel that did not offer it."""
+    never send the option to a kernel that did not offer it. RFC 2018: the same for
+    SACK, which lets its kernel repair several lost segments per round trip."""
     lab.start_server()
     lab.start_vpn()
-    on, mss_with = _app_timestamps(lab, SERVER4)
-    assert on
+    ts, sack, mss_with = _app_options(lab, SERVER4)
+    assert ts and sack
     lab.client.run("sysctl", "-qw", "net.ipv4.tcp_timestamps=0")
-    on, mss_without = _app_timestamps(lab, SERVER4)
-    assert not on
+    ts, sack, mss_without = _app_options(lab, SERVER4)
+    assert not ts and sack
     assert mss_with == mss_without - 12  # the option's bytes come off each segment
+    lab.client.run("sysctl", "-qw", "net.ipv4.tcp_sack=0")
+    ts, sack, _ = _app_options(lab, SERVER4)
+    assert not ts and not sack
     client_json(lab, "--host", SERVER4, "--up", str(8 * MB), "--down", str(8 * MB))
     assert lab.stop_vpn() == 0
 

@@ -724,23 +724,29 @@ def test_proxy_reset_mid_header() -> None:
     run(body())
 
 
-def test_write_back_pressure_pauses_and_resumes() -> None:
-    release = None
-    received = 0
+class LateReader:
+    """A proxy script that answers 200, then reads nothing until released (so our socket
+    buffers fill up), then everything, counting it."""
 
-    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonlocal received
+    def __init__(self) -> None:
+        self.release: asyncio.Event | None = None  # made inside the test's loop
+        self.received = 0
+
+    async def script(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writer.write(b"HTTP/1.1 200 OK\r\n\r\n")
         await writer.drain()
-        assert release is not None
-        await release.wait()  # not reading: our socket buffer fills up
+        assert self.release is not None
+        await self.release.wait()
         while data := await reader.read(1 << 20):
-            received += len(data)
+            self.received += len(data)
+
+
+def test_write_back_pressure_pauses_and_resumes() -> None:
+    proxy = LateReader()
 
     async def body() -> None:
-        nonlocal release
-        release = asyncio.Event()
-        async with Fake(script) as fake:
+        proxy.release = release = asyncio.Event()
+        async with Fake(proxy.script) as fake:
             protocol = await dial(fake.endpoint, "example.com", 443)
             sink = Sink()
             protocol.attach(sink)
@@ -755,7 +761,32 @@ def test_write_back_pressure_pauses_and_resumes() -> None:
             assert not protocol.writing_paused
             protocol.write_eof()
             await fake.closed.wait()
-            assert received == size
+            assert proxy.received == size
+
+    run(body())
+
+
+def test_unacknowledged_counts_our_queue_and_the_kernels_until_the_proxy_has_it() -> None:
+    """What holds back a half-close (aio/flow.py): bytes the proxy has not acknowledged,
+    in our queue or in the socket's send queue, and 0 once it has read them all."""
+    proxy = LateReader()
+
+    async def body() -> None:
+        proxy.release = release = asyncio.Event()
+        async with Fake(proxy.script) as fake:
+            protocol = await dial(fake.endpoint, "example.com", 443)
+            protocol.attach(Sink())
+            size = 32 * 1024 * 1024
+            protocol.write(bytes(size))
+            await asyncio.sleep(0.05)
+            queued = protocol.write_buffer_size()
+            assert 0 < queued < protocol.unacknowledged() <= size  # the kernel holds some
+            release.set()
+            async with asyncio.timeout(10):
+                while proxy.received < size or protocol.unacknowledged():  # its ACK may lag
+                    await asyncio.sleep(0.01)
+            protocol.close()
+            assert protocol.unacknowledged() == 0
 
     run(body())
 

@@ -58,6 +58,12 @@ def ackpos(seg: Segment) -> int:
     return (seg.ack - IRS) & SEQ_MASK
 
 
+def sackpos(seg: Segment) -> list[tuple[int, int]]:
+    """Its SACK blocks as (left, right) positions in the app's stream."""
+    e = [(v - IRS) & SEQ_MASK for v in seg.sack]
+    return list(zip(e[::2], e[1::2], strict=True))
+
+
 def data_of(events: Iterable[TcpEvent]) -> bytes:
     return b"".join(e.data for e in events if isinstance(e, DataReceived))
 
@@ -78,6 +84,7 @@ class App:
         window: int = 65535,
         now: float = 100.0,
         tsval: int = -1,
+        sack: bool = True,
     ) -> None:
         self.params = params or TcpParams(mss=1000)
         self.now = now
@@ -88,7 +95,7 @@ class App:
             peer_window=window,
             peer_mss=mss,
             peer_wscale=wscale,
-            peer_sack_permitted=True,
+            peer_sack_permitted=sack,
             now=now,
             peer_tsval=tsval,
         )
@@ -196,9 +203,24 @@ def test_accept_queues_synack_with_options() -> None:
     assert s.ack == (IRS + 1) & SEQ_MASK
     assert s.flags == SYN | ACK
     assert s.window == 65535  # RFC 7323 §2.2: the SYN-ACK window is never scaled
-    assert (s.mss, s.wscale, s.sack_permitted) == (1000, 7, False)
+    assert (s.mss, s.wscale, s.sack_permitted) == (1000, 7, True)  # the app offered SACK
     assert s.payload == b""
     assert a.out() == []  # queued once
+
+
+@pytest.mark.parametrize(("offered", "ours"), [(False, True), (True, False)])
+def test_sack_only_when_both_sides_want_it(offered: bool, ours: bool) -> None:
+    """RFC 2018 §2: no SACK-permitted unless the SYN offered it (or with TcpParams.sack
+    off); then no SACK blocks either, only duplicate ACKs."""
+    a = App(TcpParams(mss=1000, sack=ours), sack=offered)
+    a.conn.accept(a.now)
+    (synack,) = a.out()
+    assert synack.sack_permitted is False
+    a.seg()
+    assert a.events() == [Established()]
+    a.seg(b"x" * 100, at=201)
+    (dup,) = a.out()
+    assert dup.ack == (IRS + 1) & SEQ_MASK and dup.sack == ()
 
 
 def test_synack_without_app_wscale_offers_no_scaling() -> None:
@@ -606,6 +628,84 @@ def test_overlapping_and_duplicate_segments_are_trimmed(app: App) -> None:
     at(1, 41)  # an old retransmission: ACKed, not delivered again
     assert app.events() == []
     assert ackpos(app.out()[-1]) == 41
+
+
+def test_sack_blocks_report_held_data_latest_arrival_first(app: App) -> None:
+    """RFC 2018 §4: while data is held out of order every ACK reports it, the block
+    holding the segment that triggered the ACK first, then the latest others."""
+    app.seg(b"B" * 4, at=5)
+    (d1,) = app.out()
+    assert ackpos(d1) == 1 and sackpos(d1) == [(5, 9)]
+    app.seg(b"D" * 4, at=13)
+    (d2,) = app.out()
+    assert sackpos(d2) == [(13, 17), (5, 9)]
+    app.seg(b"C" * 4, at=9)  # joins both held pieces: one block
+    (d3,) = app.out()
+    assert sackpos(d3) == [(5, 17)]
+    app.seg(b"F" * 4, at=21)
+    app.seg(b"A" * 2, at=1)  # fills part of the first hole: a new cumulative ACK ...
+    (a1,) = app.out()
+    assert ackpos(a1) == 3 and sackpos(a1) == [(21, 25), (5, 17)]  # ... still with SACK
+    app.seg(b"A" * 2, at=3)
+    assert data_of(app.events()) == b"AAAA" + b"B" * 4 + b"C" * 4 + b"D" * 4
+    (a2,) = app.out()
+    assert ackpos(a2) == 17 and sackpos(a2) == [(21, 25)]
+    app.seg(b"E" * 4, at=17)
+    (a3,) = app.out()
+    assert ackpos(a3) == 25 and a3.sack == ()  # nothing held: no option
+
+
+@pytest.mark.parametrize(("tsval", "room"), [(-1, 4), (5, 3)])
+def test_sack_blocks_fill_the_option_room(tsval: int, room: int) -> None:
+    """As many blocks as fit beside the Timestamps option (3) or without it (4): the
+    latest arrivals first, then the highest other held ranges."""
+    a = App(tsval=tsval)
+    a.handshake()
+    ts = (tsval, 0) if tsval >= 0 else (-1, 0)
+    for lo in (21, 41, 61, 81, 11):  # five held ranges, 11..15 the latest
+        a.seg(b"x" * 5, at=lo, ts=ts)
+    dups = a.out()
+    assert len(dups) == 5 and all(d.payload == b"" and d.flags == ACK for d in dups)
+    expect = [(11, 16), (81, 86), (61, 66), (41, 46), (21, 26)][:room]
+    assert all(sackpos(d) == expect for d in dups)
+
+
+def test_sack_blocks_only_on_pure_acks(app: App) -> None:
+    """Data segments keep the room the app's MSS counted for payload; the duplicate ACK
+    beside them carries the blocks."""
+    app.ack_all(app.out())
+    app.conn.send(b"d" * 3000)
+    app.seg(b"x" * 10, at=101)
+    out = app.out()
+    data = [s for s in out if s.payload]
+    pure = [s for s in out if not s.payload]
+    assert data and all(s.sack == () for s in data)
+    assert len(pure) == 1 and sackpos(pure[0]) == [(101, 111)]
+
+
+def test_dsack_reports_a_duplicate_segment_first(app: App) -> None:
+    """RFC 2883 §4.1: a segment we already have is reported as the first block, even when
+    data goes out in the same call; one inside held data is followed by its range."""
+    app.seg(b"a" * 10)
+    app.events()
+    app.out()
+    app.seg(b"a" * 4, at=3)  # entirely old: unacceptable, ACKed with its D-SACK
+    (d1,) = app.out()
+    assert ackpos(d1) == 11 and sackpos(d1) == [(3, 7)]
+    app.conn.send(b"d" * 500)
+    app.seg(b"a" * 6, at=7)  # partly old (7..11), partly new (11..13)
+    data, pure = app.out()
+    assert data.payload and data.sack == ()
+    assert ackpos(pure) == 13 and sackpos(pure) == [(7, 11)]
+    assert data_of(app.events()) == b"a" * 2
+    app.seg(b"h" * 10, at=21)
+    app.out()
+    app.seg(b"h" * 4, at=23)  # a duplicate of held data
+    (d2,) = app.out()
+    assert sackpos(d2) == [(23, 27), (21, 31)]
+    app.seg(b"h" * 10, at=21)  # a duplicate of exactly the held range
+    (d3,) = app.out()
+    assert sackpos(d3) == [(21, 31)]  # exactly a held range: reported once
 
 
 def test_out_of_order_buffer_is_bounded() -> None:

@@ -60,8 +60,10 @@ class Harness:
         mss: int,
         wscale: int,
         tsval: int = -1,
+        sack: bool = False,
     ) -> None:
         self.params = params
+        self.sack = sack
         self.now = 1000.0
         self.ts = tsval >= 0
         self.app_tsvals = {tsval}
@@ -73,7 +75,7 @@ class Harness:
             peer_window=window,
             peer_mss=mss,
             peer_wscale=wscale,
-            peer_sack_permitted=False,
+            peer_sack_permitted=sack,
             now=self.now,
             peer_tsval=tsval,
         )
@@ -119,11 +121,14 @@ class Harness:
     def flush(self) -> None:
         c = self.conn
         for s in c.segments_to_send(self.now):
-            seq, ack, flags, window, payload, mss, wscale, sack, tsval, tsecr = s
+            seq, ack, flags, window, payload, mss, wscale, sack_ok, tsval, tsecr, sack = s
             assert 0 <= seq <= SEQ_MASK and 0 <= ack <= SEQ_MASK
             assert 0 <= window <= 0xFFFF
             assert flags & ~(FIN | SYN | RST | 0x08 | ACK) == 0
-            assert not sack
+            assert sack_ok == bool(flags & SYN and self.sack)
+            if sack:
+                assert self.sack and flags == ACK and not payload
+                self.check_sack(sack)
             # RFC 7323 §3.2: once negotiated, on every non-RST segment; never otherwise.
             if self.ts and not flags & RST:
                 assert 0 <= tsval <= SEQ_MASK and tsecr in self.app_tsvals
@@ -142,6 +147,30 @@ class Harness:
                 p = (seq - c.iss) & SEQ_MASK
                 assert bytes(payload) == bytes(self.ours[p - 1 : p - 1 + len(payload)])
         self.drain()
+
+    def check_sack(self, edges: tuple[int, ...]) -> None:
+        """RFC 2018 §4 / RFC 2883: every block is a held range as a whole, except that
+        the first may be a D-SACK block: data already delivered, or inside the block
+        after it. No block twice; 3 blocks at most beside timestamps, else 4."""
+        c = self.conn
+        assert len(edges) % 2 == 0 and 2 <= len(edges) <= (6 if self.ts else 8)
+        blocks = [((edges[i] - c.irs) & SEQ_MASK, (edges[i + 1] - c.irs) & SEQ_MASK)
+                  for i in range(0, len(edges), 2)]
+        runs: list[tuple[int, int]] = []
+        for start, data in zip(c._ooo_starts, c._ooo_data, strict=True):
+            if runs and runs[-1][1] == start:
+                runs[-1] = (runs[-1][0], start + len(data))
+            else:
+                runs.append((start, start + len(data)))
+        assert len(set(blocks)) == len(blocks)
+        first, *rest = blocks
+        assert first[0] < first[1]
+        if first not in runs:  # D-SACK
+            assert first[0] >= 1 and (
+                first[1] <= c.rcv_nxt or (rest and rest[0][0] <= first[0] < first[1] <= rest[0][1])
+            ), (first, rest, c.rcv_nxt)
+        for block in rest:
+            assert block in runs
 
     def drain(self) -> None:
         while (e := self.conn.next_event()) is not None:
@@ -210,6 +239,7 @@ class TcpFuzz(RuleBasedStateMachine):
         irs=u32,
         accept=st.booleans(),
         tsval=st.just(-1) | u32,
+        sack=st.booleans(),
     )
     def setup(
         self,
@@ -224,6 +254,7 @@ class TcpFuzz(RuleBasedStateMachine):
         irs: int,
         accept: bool,
         tsval: int,
+        sack: bool,
     ) -> None:
         params = TcpParams(
             mss=mss,
@@ -236,7 +267,7 @@ class TcpFuzz(RuleBasedStateMachine):
             time_wait=1.0,
             persist_max=20.0,
         )
-        self.h = Harness(params, iss, irs, window, peer_mss, wscale, tsval)
+        self.h = Harness(params, iss, irs, window, peer_mss, wscale, tsval, sack)
         if accept:
             self.h.conn.accept(self.h.now)
             self.h.flush()
@@ -344,6 +375,7 @@ def _random_session(rng: random.Random) -> int:
         rng.choice([0, 100, 1460]),
         rng.choice([-1, 0, 7]),
         rng.choice([-1, rng.getrandbits(32)]),
+        rng.random() < 0.5,
     )
     h.conn.accept(h.now)
     h.flush()

@@ -600,6 +600,14 @@ BAD_BUILD = [
     ({"tsecr": -1}, ValueError),
     ({"tsecr": 2**32}, ValueError),
     ({"tsval": 1.0}, TypeError),
+    ({"sack": [1, 2]}, TypeError),  # a tuple, as Segment carries it
+    ({"sack": (1,)}, ValueError),  # edges come in pairs
+    ({"sack": (1, 2) * 5}, ValueError),  # RFC 2018 §3: at most four blocks
+    ({"sack": (1, 2**32)}, ValueError),
+    ({"sack": (1, -1)}, ValueError),
+    ({"sack": (1, 2.0)}, TypeError),
+    # Four blocks fit beside nothing else; with timestamps (12 bytes) only three do.
+    ({"sack": (1, 2) * 4, "tsval": 0}, ValueError),
 ]
 
 
@@ -607,6 +615,36 @@ BAD_BUILD = [
 def test_build_rejects_bad_arguments(m: ModuleType, change: dict, exc: type[Exception]) -> None:
     with pytest.raises(exc):
         m.build(**{**_GOOD, **change})
+
+
+@pytest.mark.parametrize("family", [4, 6])
+@pytest.mark.parametrize(
+    ("ts", "sack", "opts"),
+    [
+        ((-1, 0), (1, 2), "0101050a0000000100000002"),
+        # A duplicate ACK as the stack sends it: timestamps, then three blocks (40 bytes).
+        ((7, 8), (0xFFFFFFF0, 0x10, 3, 4, 2**32 - 2, 2**32 - 1),
+         "0101080a00000007000000080101051afffffff00000001000000003000000"
+         "04fffffffeffffffff"),
+        # Without timestamps, four blocks (36 bytes).
+        ((-1, 0), (1, 2, 3, 4, 5, 6, 7, 8),
+         "010105220000000100000002000000030000000400000005000000060000000700000008"),
+    ],
+)
+def test_build_sack_blocks(
+    m: ModuleType, family: int, ts: tuple[int, int], sack: tuple[int, ...], opts: str
+) -> None:
+    """RFC 2018 §3: kind 5, length 2 + 8 per block, 32-bit left and right edges."""
+    src, dst = (V4_SRC, V4_DST) if family == 4 else (V6_SRC, V6_DST)
+    pkt = m.build(family, src, dst, 1, 2, 3, 4, ACK, 5, b"", tsval=ts[0], tsecr=ts[1], sack=sack)
+    assert isinstance(pkt, bytes)
+    tcp = _check_sums_with_dpkt(pkt).data
+    assert bytes(tcp.opts) == bytes.fromhex(opts)
+    edges = [v for k, v in dpkt.tcp.parse_opts(tcp.opts) if k == dpkt.tcp.TCP_OPT_SACK]
+    assert edges == [struct.pack(f"!{len(sack)}I", *sack)]
+    # Our parser takes the app's SACK blocks as options it skips.
+    res = m.parse(pkt)
+    assert isinstance(res, tuple) and res[14:] == (ts if ts[0] >= 0 else (-1, 0))
 
 
 def test_build_keyword_and_default_arguments(m: ModuleType) -> None:
