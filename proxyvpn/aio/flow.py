@@ -33,9 +33,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("proxyvpn.flow")
 
-EOF_POLL_FIRST = 0.05
+EOF_POLL_FIRST = 0.01
 """Seconds until a held-back FIN first re-checks that the app's bytes reached the proxy;
-the interval doubles up to half_close_delay."""
+the interval then doubles, up to EOF_POLL_MAX (or a quarter of half_close_delay)."""
+
+EOF_POLL_MAX = 0.25
 
 
 class Flow:
@@ -43,7 +45,8 @@ class Flow:
 
     __slots__ = ("engine", "key", "family", "conn", "dst_host", "dst_port", "tunnel", "dial",
                  "pending", "pending_eof", "timer_at", "_log", "_closed", "_reading_paused",
-                 "_fin_queued", "_proxy_eof", "last_rx", "_eof_timer", "_eof_poll", "gso_size")
+                 "_fin_queued", "_proxy_eof", "last_rx", "_eof_timer", "_eof_poll", "_eof_draining",
+                 "gso_size")
 
     def __init__(self, engine: Engine, key: tuple[bytes, int, bytes, int], family: int,
                  conn: TcpConnection, dst_host: str, dst_port: int, gso_size: int = -1) -> None:
@@ -69,6 +72,7 @@ class Flow:
         self.last_rx = 0.0
         self._eof_timer: asyncio.TimerHandle | None = None
         self._eof_poll = EOF_POLL_FIRST
+        self._eof_draining = False  # the held FIN waits for the proxy's ACK of our bytes
         self._log: FlowLogger | None = None
 
     @property
@@ -131,23 +135,31 @@ class Flow:
             self._forward_eof()
             return
         self.last_rx = now
-        self._eof_timer = self.engine._loop.call_at(now + delay, self._eof_timer_fired)
+        self._hold_eof(now)
 
     def _eof_timer_fired(self) -> None:
         self._eof_timer = None
+        self._hold_eof(self.engine._loop.time())
+
+    def _hold_eof(self, now: float) -> None:
+        """Pass the held FIN on if its time has come, else look again when it may have."""
         loop = self.engine._loop
-        now = loop.time()
         delay = self.engine.config.half_close_delay
         tunnel = self.tunnel
         if tunnel is not None and tunnel.unacknowledged() > 0:
             # The app's last bytes have not even reached the proxy (a slow or lossy link
             # to it): the server cannot have answered yet, and a FIN now would let the
-            # proxy drop the tunnel before it does. The quiet wait starts once they are
-            # acknowledged; polled, backing off, since the kernel tells no one.
-            self.last_rx = now
+            # proxy drop the tunnel before it does. Polled, backing off, since the kernel
+            # tells no one when its send queue empties.
+            self._eof_draining = True
             self._eof_timer = loop.call_at(now + self._eof_poll, self._eof_timer_fired)
-            self._eof_poll = min(self._eof_poll * 2, max(delay, EOF_POLL_FIRST))
+            cap = min(delay / 4, EOF_POLL_MAX)
+            self._eof_poll = min(self._eof_poll * 2, max(cap, EOF_POLL_FIRST))
             return
+        if self._eof_draining:
+            self._eof_draining = False  # acknowledged (within a poll): the quiet wait starts
+            if now > self.last_rx:
+                self.last_rx = now
         quiet_since = self.last_rx + delay
         if now >= quiet_since:
             self._forward_eof()

@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import enum
 import logging
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 from collections import deque
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -318,6 +318,8 @@ class TcpConnection:
         "_ooo_fin",
         "_sack_ok",
         "_sack_recent",
+        "_run_lo",
+        "_run_hi",
         "_dsack_lo",
         "_dsack_hi",
         "_ack_due",
@@ -438,6 +440,10 @@ class TcpConnection:
         self._sack_ok = peer_sack_permitted and params.sack
         self._sack_recent: list[int] = []
         """Positions of the latest out-of-order arrivals, newest first (RFC 2018 §4)."""
+        self._run_lo: list[int] = []
+        """With SACK: the held pieces merged into maximal contiguous ranges, so that a
+        block is one bisect away however many pieces make it (ascending, disjoint)."""
+        self._run_hi: list[int] = []
         self._dsack_lo = -1
         """A duplicate segment's range to report (RFC 2883), or -1."""
         self._dsack_hi = -1
@@ -748,7 +754,7 @@ class TcpConnection:
                 # Text we already have (our ACK of it was lost, or the app's
                 # retransmission was spurious): RFC 2883 §4.1.1.
                 self._dsack_lo = rcv_nxt + off
-                self._dsack_hi = rcv_nxt + off + plen
+                self._dsack_hi = rcv_nxt + off + plen + (1 if fin else 0)
             if state is _TIME_WAIT and fin:
                 # A retransmitted FIN: our last ACK was lost. Re-ACK it and restart
                 # the 2*MSL wait (RFC 9293 §3.10.7.4, TIME-WAIT).
@@ -980,7 +986,7 @@ class TcpConnection:
                         self._sack_note(start)
                     else:  # all of it is held already (RFC 2883 §4.1.3)
                         self._dsack_lo = start
-                        self._dsack_hi = end
+                        self._dsack_hi = end + 1 if fin_pos == end == self._ooo_fin else end
                 self._queue_dupack()
         elif plen:
             # Only old text (a retransmission we already have), or text into a zero
@@ -1112,7 +1118,24 @@ class TcpConnection:
             pairs = sorted(zip(starts[i:j] + new_s, datas[i:j] + new_d, strict=True))
             starts[i:j] = [p[0] for p in pairs]
             datas[i:j] = [p[1] for p in pairs]
+        if self._sack_ok:
+            for k in range(len(new_s)):
+                self._run_add(new_s[k], new_s[k] + len(new_d[k]))
         return True
+
+    def _run_add(self, lo: int, hi: int) -> None:
+        """Merge held range [lo, hi) into the runs, joining any it touches."""
+        rlo = self._run_lo
+        rhi = self._run_hi
+        i = bisect_left(rhi, lo)  # the first run ending at or after lo
+        j = bisect_right(rlo, hi)  # past the last run starting at or before hi
+        if i < j:
+            if rlo[i] < lo:
+                lo = rlo[i]
+            if rhi[j - 1] > hi:
+                hi = rhi[j - 1]
+        rlo[i:j] = [lo]
+        rhi[i:j] = [hi]
 
     def _ooo_drain(self) -> list[bytes]:
         """Pop held pieces that RCV.NXT has reached; advance RCV.NXT past them."""
@@ -1134,6 +1157,13 @@ class TcpConnection:
         del starts[:k]
         del datas[:k]
         self.rcv_nxt = rcv_nxt
+        rlo = self._run_lo
+        n = 0
+        while n < len(rlo) and rlo[n] <= rcv_nxt:
+            n += 1
+        if n:
+            del rlo[:n]
+            del self._run_hi[:n]
         return chunks
 
     def _ooo_clear(self) -> None:
@@ -1141,23 +1171,16 @@ class TcpConnection:
         self._ooo_data.clear()
         self._ooo_bytes = 0
         self._sack_recent.clear()
+        self._run_lo.clear()
+        self._run_hi.clear()
 
     def _ooo_run(self, pos: int) -> tuple[int, int] | None:
-        """The contiguous held range around position ``pos``, or None if not held."""
-        starts = self._ooo_starts
-        datas = self._ooo_data
-        i = bisect_right(starts, pos) - 1
-        if i < 0 or starts[i] + len(datas[i]) <= pos:
+        """The maximal held range around position ``pos`` (SACK only), or None."""
+        rlo = self._run_lo
+        i = bisect_right(rlo, pos) - 1
+        if i < 0 or self._run_hi[i] <= pos:
             return None
-        j = i
-        while i > 0 and starts[i - 1] + len(datas[i - 1]) == starts[i]:
-            i -= 1
-        end = starts[j] + len(datas[j])
-        n = len(starts)
-        while j + 1 < n and starts[j + 1] == end:
-            j += 1
-            end += len(datas[j])
-        return starts[i], end
+        return rlo[i], self._run_hi[i]
 
     # ------------------------------------------------------------------ SACK
 
@@ -1174,18 +1197,23 @@ class TcpConnection:
     def _sack_option(self) -> tuple[int, ...]:
         """The SACK blocks for the next pure ACK, as wire edges (RFC 2018 §4, RFC 2883).
 
-        A pending D-SACK block comes first, then the held range containing it if there is
-        one; then the range of the latest out-of-order arrival and those of the arrivals
-        before it, newest first; then any other held ranges, highest first. As many as fit
-        beside the timestamps: 3, else 4.
+        A pending D-SACK block comes first (once: each duplicate is reported in one ACK),
+        then the held range containing it if there is one, even when that is the same
+        range (RFC 2883 §4: Linux takes a first block above the ACK as a D-SACK only when
+        the second contains it); then the range of the latest out-of-order arrival and
+        those of the arrivals before it, newest first; then any other held ranges, highest
+        first. As many as fit beside the timestamps: 3, else 4. A range that ends at a
+        held FIN covers it too, as the app's kernel counts it (RFC 9293: the FIN takes a
+        sequence number).
         """
         room = 3 if self._ts_ok else 4
         blocks: list[tuple[int, int]] = []
+        first = 0  # 1: blocks[0] is a D-SACK block, which a later range may equal
         if self._dsack_lo >= 0:
-            dsack = (self._dsack_lo, self._dsack_hi)
-            blocks.append(dsack)
+            blocks.append((self._dsack_lo, self._dsack_hi))
+            first = 1
             around = self._ooo_run(self._dsack_lo)
-            if around is not None and around != dsack:
+            if around is not None:
                 blocks.append(around)
             self._dsack_lo = self._dsack_hi = -1
         recent = self._sack_recent
@@ -1195,22 +1223,23 @@ class TcpConnection:
             if run is None:
                 del recent[k]  # delivered since (or never held: over the budget)
                 continue
-            if run not in blocks and len(blocks) < room:
+            if len(blocks) < room and run not in blocks[first:]:
                 blocks.append(run)
             k += 1
-        starts = self._ooo_starts
-        i = len(starts) - 1
+        rlo = self._run_lo
+        rhi = self._run_hi
+        i = len(rlo) - 1
         while i >= 0 and len(blocks) < room:
-            run = self._ooo_run(starts[i])
-            assert run is not None
-            if run not in blocks:
+            run = (rlo[i], rhi[i])
+            if run not in blocks[first:]:
                 blocks.append(run)
-            i = bisect_right(starts, run[0]) - 2  # the piece before this run
+            i -= 1
         irs = self.irs
+        fin = self._ooo_fin
         edges: list[int] = []
         for lo, hi in blocks[:room]:
             edges.append((irs + lo) & SEQ_MASK)
-            edges.append((irs + hi) & SEQ_MASK)
+            edges.append((irs + (hi + 1 if hi == fin else hi)) & SEQ_MASK)
         return tuple(edges)
 
     # ------------------------------------------------------------------ output
@@ -1248,14 +1277,16 @@ class TcpConnection:
         if ndup or self._dsack_lo >= 0 or (self._ack_due and not sent):
             # SACK blocks ride on pure ACKs only: on a data segment they would take
             # payload room the app's MSS (our gso_size) has already counted.
+            dsack = self._dsack_lo >= 0
             sack = (self._sack_option()
-                    if self._sack_ok and (self._ooo_starts or self._dsack_lo >= 0) else ())
-            seg = Segment(self._ack_seq_wire(), ack_w, ACK, win, b"", 0, -1, False, tsv, tse,
-                          sack)
+                    if self._sack_ok and (self._ooo_starts or dsack) else ())
+            ack_seq = self._ack_seq_wire()
+            out.append(Segment(ack_seq, ack_w, ACK, win, b"", 0, -1, False, tsv, tse, sack))
             if ndup > 1:
-                out.extend([seg] * ndup)
-            else:
-                out.append(seg)
+                if dsack:  # a duplicate is reported once (RFC 2883 §4): not in the others
+                    sack = self._sack_option() if self._ooo_starts else ()
+                out.extend([Segment(ack_seq, ack_w, ACK, win, b"", 0, -1, False, tsv, tse,
+                                    sack)] * (ndup - 1))
             sent = True
         if sent:
             self._last_ack_sent = self.rcv_nxt

@@ -539,11 +539,12 @@ def build(
     tse = _int(tsecr, 0, _U32, "tsecr")
     blocks = _sack_blocks(sack)
     gso = _int(gso_size, -1, 0xFFFF, "gso_size")
+    want_split = bool(split)  # here, where the C version evaluates it
     opts = _tcp_options(ms, ws, sackok, tsv, tse, blocks)
     if 20 + len(opts) + len(pl) > _max_tcp_len(fam):
         raise ValueError("payload too long for the IP length field")
     pkt = _emit(fam, s, d, struct.pack("!HH", sp, dp), sq, ak, fl, win, opts, pl, gso)
-    if split and gso >= 0 and len(pl):
+    if want_split and gso >= 0 and len(pl):
         return pkt[: len(pkt) - len(pl)], payload
     return pkt
 

@@ -430,7 +430,7 @@ class TunnelProtocol(asyncio.Protocol):
             return queued
         try:
             outq = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
-        except OSError:  # closed under us: nothing more will be delivered anyway
+        except (OSError, ValueError):  # closed under us (fd -1): nothing more goes out
             return queued
         return queued + int(struct.unpack("i", outq)[0])
 

@@ -475,3 +475,15 @@ def test_parse_vnet_short_buffers_are_dropped(data: bytes) -> None:
     assert kind == "ok" and (isinstance(res, int) or len(data) >= 10)
     if len(data) < 10:
         assert res == P.DROP_TRUNCATED
+
+
+def test_build_checks_split_before_the_options_in_both() -> None:
+    """The same exception from both for a call that is wrong twice over."""
+
+    class Unanswerable:
+        def __bool__(self) -> bool:
+            raise RuntimeError("no truth value")
+
+    kind, exc = same("build", 4, b"\x0a\x00\x00\x01", b"\x0a\x00\x00\x02", 1, 2, 3, 4, 0x10, 5,
+                     tsval=0, sack=(1, 2) * 4, split=Unanswerable())
+    assert (kind, exc) == ("raise", RuntimeError)

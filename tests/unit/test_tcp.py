@@ -705,7 +705,31 @@ def test_dsack_reports_a_duplicate_segment_first(app: App) -> None:
     assert sackpos(d2) == [(23, 27), (21, 31)]
     app.seg(b"h" * 10, at=21)  # a duplicate of exactly the held range
     (d3,) = app.out()
-    assert sackpos(d3) == [(21, 31)]  # exactly a held range: reported once
+    # RFC 2883 §4: the second block contains the first, so it reads as a D-SACK.
+    assert sackpos(d3) == [(21, 31), (21, 31)]
+
+
+def test_dsack_goes_in_one_duplicate_ack_only(app: App) -> None:
+    """RFC 2883 §4: each duplicate is reported once; Linux would count every copy (and
+    undo a real cwnd reduction on the strength of them)."""
+    app.seg(b"h" * 10, at=21)
+    app.out()
+    app.seg(b"h" * 4, at=23)  # a duplicate ...
+    app.seg(b"k" * 5, at=41)  # ... and a new arrival, in one batch: two duplicate ACKs
+    d1, d2 = app.out()
+    assert sackpos(d1) == [(23, 27), (21, 31), (41, 46)]
+    assert sackpos(d2) == [(41, 46), (21, 31)]
+
+
+def test_a_held_fin_is_inside_its_sack_block(app: App) -> None:
+    """The app's kernel counts the FIN's sequence number in its last segment; a block
+    that stopped short of it would leave that segment un-SACKed (and retransmitted)."""
+    app.seg(b"z" * 100, ACK | FIN, at=101)
+    (d1,) = app.out()
+    assert sackpos(d1) == [(101, 202)]
+    app.seg(b"z" * 100, ACK | FIN, at=101)  # its retransmission: a D-SACK, FIN included
+    (d2,) = app.out()
+    assert sackpos(d2) == [(101, 202), (101, 202)]
 
 
 def test_out_of_order_buffer_is_bounded() -> None:

@@ -64,6 +64,9 @@ class Harness:
     ) -> None:
         self.params = params
         self.sack = sack
+        self.sacks = 0
+        self.dsacks = 0
+        """SACK options checked, and D-SACK blocks among them."""
         self.now = 1000.0
         self.ts = tsval >= 0
         self.app_tsvals = {tsval}
@@ -148,29 +151,41 @@ class Harness:
                 assert bytes(payload) == bytes(self.ours[p - 1 : p - 1 + len(payload)])
         self.drain()
 
-    def check_sack(self, edges: tuple[int, ...]) -> None:
-        """RFC 2018 §4 / RFC 2883: every block is a held range as a whole, except that
-        the first may be a D-SACK block: data already delivered, or inside the block
-        after it. No block twice; 3 blocks at most beside timestamps, else 4."""
+    def held_runs(self) -> list[tuple[int, int]]:
+        """The held pieces merged into maximal ranges."""
         c = self.conn
-        assert len(edges) % 2 == 0 and 2 <= len(edges) <= (6 if self.ts else 8)
-        blocks = [((edges[i] - c.irs) & SEQ_MASK, (edges[i + 1] - c.irs) & SEQ_MASK)
-                  for i in range(0, len(edges), 2)]
         runs: list[tuple[int, int]] = []
         for start, data in zip(c._ooo_starts, c._ooo_data, strict=True):
             if runs and runs[-1][1] == start:
                 runs[-1] = (runs[-1][0], start + len(data))
             else:
                 runs.append((start, start + len(data)))
-        assert len(set(blocks)) == len(blocks)
+        return runs
+
+    def check_sack(self, edges: tuple[int, ...]) -> None:
+        """RFC 2018 §4 / RFC 2883: every block is a held range as a whole (one ending at a
+        held FIN covers the FIN too), except that the first may be a D-SACK block: data
+        already delivered, or inside the block after it. No range twice, except as the
+        D-SACK pair; 3 blocks at most beside timestamps, else 4."""
+        c = self.conn
+        self.sacks += 1
+        assert len(edges) % 2 == 0 and 2 <= len(edges) <= (6 if self.ts else 8)
+        blocks = [((edges[i] - c.irs) & SEQ_MASK, (edges[i + 1] - c.irs) & SEQ_MASK)
+                  for i in range(0, len(edges), 2)]
+        fin = c._ooo_fin
+        runs = [(lo, hi + 1 if hi == fin else hi) for lo, hi in self.held_runs()]
         first, *rest = blocks
         assert first[0] < first[1]
-        if first not in runs:  # D-SACK
+        if first not in runs or rest[:1] == [first]:  # D-SACK
             assert first[0] >= 1 and (
                 first[1] <= c.rcv_nxt or (rest and rest[0][0] <= first[0] < first[1] <= rest[0][1])
             ), (first, rest, c.rcv_nxt)
+            self.dsacks += 1
+        else:
+            rest = blocks
+        assert len(set(rest)) == len(rest)
         for block in rest:
-            assert block in runs
+            assert block in runs, (block, runs)
 
     def drain(self) -> None:
         while (e := self.conn.next_event()) is not None:
@@ -200,6 +215,8 @@ class Harness:
             assert d == app_bytes(s, len(d))
             if i + 1 < len(starts):
                 assert s + len(d) <= starts[i + 1]
+        if self.sack:  # the SACK runs are the pieces merged
+            assert list(zip(c._run_lo, c._run_hi, strict=True)) == self.held_runs()
         if c._ooo_fin >= 0:  # a FIN seen out of order bounds everything held
             assert c._ooo_fin > c.rcv_nxt
             assert not starts or starts[-1] + len(datas[-1]) <= c._ooo_fin
@@ -352,10 +369,11 @@ TestTcpFuzz.settings = settings(
 )
 
 
-def _random_session(rng: random.Random) -> int:
+def _random_session(rng: random.Random, seen: dict[str, int] | None = None) -> int:
     """One connection under up to a few hundred random operations, seeded.
 
-    Returns how many operations ran before the connection closed.
+    Returns how many operations ran before the connection closed; ``seen`` counts the
+    SACK and D-SACK options it checked.
     """
     params = TcpParams(
         mss=rng.choice([1, 50, 1000]),
@@ -415,11 +433,17 @@ def _random_session(rng: random.Random) -> int:
             c.abort(h.now)
             h.drain()
         h.check()
+        if seen is not None:
+            seen["sack"] = seen.get("sack", 0) + h.sacks
+            seen["dsack"] = seen.get("dsack", 0) + h.dsacks
+            h.sacks = h.dsacks = 0
         if c.state is TcpState.CLOSED:
             return i
     return 300
 
 
 def test_random_sessions_never_break_invariants() -> None:
-    ops = sum(_random_session(random.Random(seed)) for seed in range(400))
+    seen: dict[str, int] = {}
+    ops = sum(_random_session(random.Random(seed), seen) for seed in range(400))
     assert ops > 400 * 25  # the sessions lived long enough to mean something
+    assert seen["sack"] >= 20 and seen["dsack"] >= 5, seen  # the SACK checks ran (seeded: 31, 17)
