@@ -1119,8 +1119,8 @@ class TcpConnection:
             starts[i:j] = [p[0] for p in pairs]
             datas[i:j] = [p[1] for p in pairs]
         if self._sack_ok:
-            for k in range(len(new_s)):
-                self._run_add(new_s[k], new_s[k] + len(new_d[k]))
+            for s, d in zip(new_s, new_d, strict=True):
+                self._run_add(s, s + len(d))
         return True
 
     def _run_add(self, lo: int, hi: int) -> None:
@@ -1157,12 +1157,10 @@ class TcpConnection:
         del starts[:k]
         del datas[:k]
         self.rcv_nxt = rcv_nxt
-        rlo = self._run_lo
-        n = 0
-        while n < len(rlo) and rlo[n] <= rcv_nxt:
-            n += 1
+        # Several runs when the in-order segment itself reached past held data.
+        n = bisect_right(self._run_lo, rcv_nxt)
         if n:
-            del rlo[:n]
+            del self._run_lo[:n]
             del self._run_hi[:n]
         return chunks
 
@@ -1187,8 +1185,6 @@ class TcpConnection:
     def _sack_note(self, pos: int) -> None:
         """Remember an out-of-order arrival at ``pos`` as the newest (RFC 2018 §4)."""
         recent = self._sack_recent
-        if recent and recent[0] == pos:
-            return
         if pos in recent:
             recent.remove(pos)
         recent.insert(0, pos)
@@ -1274,12 +1270,11 @@ class TcpConnection:
         if state in _SEND_STATES:
             sent = self._emit_data(out, now, ack_w, win, tsv, tse)
         ndup = self._dupacks_due
-        if ndup or self._dsack_lo >= 0 or (self._ack_due and not sent):
+        dsack = self._dsack_lo >= 0  # only ever set with SACK on
+        if ndup or dsack or (self._ack_due and not sent):
             # SACK blocks ride on pure ACKs only: on a data segment they would take
             # payload room the app's MSS (our gso_size) has already counted.
-            dsack = self._dsack_lo >= 0
-            sack = (self._sack_option()
-                    if self._sack_ok and (self._ooo_starts or dsack) else ())
+            sack = self._sack_option() if dsack or (self._sack_ok and self._ooo_starts) else ()
             ack_seq = self._ack_seq_wire()
             out.append(Segment(ack_seq, ack_w, ACK, win, b"", 0, -1, False, tsv, tse, sack))
             if ndup > 1:

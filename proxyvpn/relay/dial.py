@@ -422,9 +422,9 @@ class TunnelProtocol(asyncio.Protocol):
     def unacknowledged(self) -> int:
         """Bytes written towards the proxy that its kernel has not acknowledged yet: our
         queue plus the socket's send queue (SIOCOUTQ: unsent and unacknowledged)."""
+        queued = self.write_buffer_size()
         if self.transport is None or self._closed:
-            return 0
-        queued = self.transport.get_write_buffer_size()
+            return queued
         sock = self.transport.get_extra_info("socket")
         if sock is None:
             return queued
