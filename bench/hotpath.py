@@ -91,7 +91,8 @@ class Sink:
 class Lab:
     """One established flow between a socket-pair "TUN" and a Sink."""
 
-    def __init__(self, pure: bool) -> None:
+    def __init__(self, pure: bool, sack: bool = True) -> None:
+        """``sack``: the app's SYN offers SACK, as Linux's does by default."""
         ours, self.tun = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         for s in (ours, self.tun):
             s.setblocking(False)
@@ -105,7 +106,8 @@ class Lab:
         now = engine._loop.time()
         self.ts = 1
         conn = TcpConnection(engine.params, iss=7, irs=APP_ISN, peer_window=WINDOW,
-                             peer_mss=engine.params.mss, peer_wscale=7, now=now, peer_tsval=self.ts)
+                             peer_mss=engine.params.mss, peer_wscale=7, now=now, peer_tsval=self.ts,
+                             peer_sack_permitted=sack)
         key = (APP, APP_PORT, DST, DST_PORT)
         self.flow = Flow(engine, key, 4, conn, "10.9.9.9", DST_PORT, gso_size=APP_MSS - 12)
         engine.flows[key] = self.flow
@@ -122,12 +124,14 @@ class Lab:
         self.app_send(b"", self.our_seq)  # the handshake's ACK: ESTABLISHED
         engine._on_readable()
 
-    def app_send(self, payload: bytes, ack: int, window: int = WINDOW) -> None:
-        """The app's next segment into the "TUN": ``payload`` at its next sequence number."""
+    def app_send(self, payload: bytes, ack: int, window: int = WINDOW,
+                 sack: tuple[int, ...] = ()) -> None:
+        """The app's next segment into the "TUN": ``payload`` at its next sequence number;
+        ``sack``: SACK block edges (wire values)."""
         self.ts += 1
         # split: headers and payload gathered by sendmsg, so the driver copies nothing
         parts = self.wire.build(4, APP, DST, APP_PORT, DST_PORT, self.app_seq, ack, fast.ACK,
-                                window, payload, tsval=self.ts, tsecr=1,
+                                window, payload, tsval=self.ts, tsecr=1, sack=sack,
                                 gso_size=APP_MSS - 12 if len(payload) > APP_MSS else 0,
                                 split=True)
         self.tun.sendmsg(parts if type(parts) is tuple else (parts,))
@@ -181,8 +185,8 @@ class Lab:
         self.tun.close()
 
 
-async def _run(direction: str, total: int, pure: bool) -> dict:
-    lab = Lab(pure)
+async def _run(direction: str, total: int, pure: bool, sack: bool = True) -> dict:
+    lab = Lab(pure, sack)
     lab.download(8 << 20) if direction == "down" else lab.upload(8 << 20)  # warm up
     t0, c0 = time.perf_counter(), time.process_time()
     moved = lab.download(total) if direction == "down" else lab.upload(total)
@@ -201,9 +205,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=5, help="rounds; the median is reported [5]")
     parser.add_argument("--directions", default="down,up")
     parser.add_argument("--pure-python", action="store_true", help="the Python twin of the fast path")
+    parser.add_argument("--no-sack", action="store_true", help="the app's SYN offers no SACK")
     args = parser.parse_args(argv)
     for direction in args.directions.split(","):
-        rounds = [asyncio.run(_run(direction, args.mb * 10**6, args.pure_python))
+        rounds = [asyncio.run(_run(direction, args.mb * 10**6, args.pure_python, not args.no_sack))
                   for _ in range(args.repeat)]
         values = sorted(r["value"] for r in rounds)
         line = {**rounds[0], "value": values[(len(values) - 1) // 2], "values": values}

@@ -28,6 +28,7 @@ from proxyvpn.aio.flow import Flow
 from proxyvpn.config import Config
 from proxyvpn.errors import ConfigError, ProxyError, ProxyVpnError
 from proxyvpn.netstack import fast
+from proxyvpn.netstack.sack_option import sack_edges
 from proxyvpn.netstack.seq import IsnSource
 from proxyvpn.netstack.tcp import TS_OPTION_LEN, TcpConnection, TcpParams, TcpState, reset_for
 from proxyvpn.netstack.wire import strip_vnet
@@ -158,8 +159,19 @@ class Engine:
             self._on_unknown(parsed, packet, key, now)
             return
         conn = flow.conn
+        sack: tuple[int, ...] = ()
+        if conn.sack and conn.snd_max > conn.snd_una:
+            # Only a segment acknowledging data in flight has blocks worth reading (its
+            # own data or not: Linux puts them on both); see sack_option.py.
+            edges = sack_edges(packet, start, self.vnet, tsval >= 0)
+            if edges is None:
+                self.stats["bad_sack_options"] += 1  # the ACK still counts, the blocks not
+            elif edges:
+                self.stats["acks_with_sack"] += 1
+                sack = edges
         conn.receive(seq, ack, flags, window,
-                     memoryview(packet)[start:end] if end > start else b"", now, tsval, tsecr)
+                     memoryview(packet)[start:end] if end > start else b"", now, tsval, tsecr,
+                     sack)
         # Recorded at once, not in transmit(): a SYN later in this batch may need the
         # slot. Only a received segment leads to TIME-WAIT; a known flow keeps its place.
         if conn.state is TcpState.TIME_WAIT:
@@ -304,6 +316,8 @@ class Engine:
         if self.flows.get(flow.key) is flow:
             del self.flows[flow.key]
             self.stats["flows_closed"] += 1
+            self.stats["retransmits"] += flow.conn.retransmits
+            self.stats["sack_retransmits"] += flow.conn.sack_retransmits
 
     # ------------------------------------------------------------------ output
 
@@ -427,6 +441,11 @@ class Engine:
 
     def snapshot_stats(self) -> dict[str, Any]:
         stats = dict(self.stats)
+        # Segments we sent the app again: of the closed flows (forget) and the open ones.
+        conns = [f.conn for f in self.flows.values()]
+        stats["retransmits"] = self.stats["retransmits"] + sum(c.retransmits for c in conns)
+        stats["sack_retransmits"] = (self.stats["sack_retransmits"]
+                                     + sum(c.sack_retransmits for c in conns))
         stats["flows_active"] = len(self.flows)
         stats["fast_path"] = self.wire.IMPL
         return stats

@@ -23,13 +23,22 @@ What is implemented, by RFC:
   while out-of-order data is held reports it (the block of the latest arrival first,
   then the most recently reported ones), and RFC 2883 D-SACK reports a duplicate
   segment, so the app's kernel repairs several holes per round trip (RFC 6675,
-  RACK-TLP) and detects its spurious retransmissions instead of backing off. The
-  app's SACK blocks on our data are not used (RFC 2018 allows a sender to ignore
-  them): our sends are recovered with NewReno.
+  RACK-TLP) and detects its spurious retransmissions instead of backing off.
+- RFC 6675 SACK-based loss recovery as the sender, with SACK on: the app's blocks on
+  our data fill a scoreboard; recovery starts when it shows SND.UNA's segment lost
+  (IsLost) or on the third duplicate ACK, and then every hole it shows lost is
+  retransmitted, as far as the pipe estimate allows, instead of one per round trip.
+  What the app holds never counts as in flight, so the first two duplicates each let
+  a new segment go (as RFC 3042's limited transmit), and the go-back-N after a timeout
+  skips it (RFC 6675 §5.1); after a second timeout in a row the blocks are forgotten,
+  in case the app dropped what it held (reneging, RFC 2018 §8). A resend of the segment
+  at SND.UNA counts as lost once the app SACKs data sent after it (RACK's inference,
+  RFC 8985 §6.2, without its time window), so it goes again instead of waiting for
+  the RTO.
 - RFC 6298 retransmission timer (SRTT/RTTVAR, Karn's algorithm, exponential
   back-off), RFC 5681 slow start / congestion avoidance with an initial window of
   10 segments (RFC 6928), fast retransmit on three duplicate ACKs with RFC 6582
-  NewReno recovery (partial ACKs retransmit the next hole).
+  NewReno recovery (partial ACKs retransmit the next hole) when SACK is off.
 - RFC 9293 §3.8.6.1 / RFC 1122 §4.2.2.17 zero-window probing with a backed-off
   persist timer; RFC 1122 §4.2.3.3/§4.2.3.4 silly window syndrome avoidance.
 
@@ -97,6 +106,10 @@ _MAX_OOO_SEGMENTS = 4096
 _MAX_SACK_RECENT = 4
 """Out-of-order arrivals remembered for the SACK option (at most 4 blocks fit)."""
 
+_MAX_SACKED_RANGES = 256
+"""Bound on the sender's scoreboard (disjoint SACKed ranges); beyond it the highest is
+forgotten, which can only cost a needless retransmission."""
+
 _MAX_CTL = 8
 """Bound on queued control RSTs (answers to bad ACKs in SYN-RECEIVED)."""
 
@@ -142,7 +155,8 @@ class TcpParams:
     """Give up zero-window probing after the app has not ACKed for this long."""
     sack: bool = True
     """Accept SACK (RFC 2018) when the app's SYN offers it: our ACKs then report the
-    out-of-order data we hold."""
+    out-of-order data we hold, and the app's blocks on our data drive our loss recovery
+    (RFC 6675)."""
 
     def __post_init__(self) -> None:
         """Validate, and resolve ``max_ooo_bytes`` to its default."""
@@ -234,6 +248,20 @@ _QUEUE_STATES = (_LISTEN, _SYN_RECEIVED, _ESTABLISHED, _CLOSE_WAIT)
 """States where send() accepts data (before close())."""
 
 
+def _range_add(los: list[int], his: list[int], lo: int, hi: int) -> None:
+    """Merge [lo, hi) into the ascending disjoint ranges ``los``/``his``, joining any it
+    touches or overlaps."""
+    i = bisect_left(his, lo)  # the first range ending at or after lo
+    j = bisect_right(los, hi)  # past the last range starting at or before hi
+    if i < j:
+        if los[i] < lo:
+            lo = los[i]
+        if his[j - 1] > hi:
+            hi = his[j - 1]
+    los[i:j] = [lo]
+    his[i:j] = [hi]
+
+
 def reset_for(seq: int, ack: int, flags: int, payload_len: int) -> tuple[int, int, int] | None:
     """Answer a segment that matches no connection (RFC 9293 §3.10.7.1).
 
@@ -267,6 +295,7 @@ class TcpConnection:
         "bytes_out",
         "retransmits",
         "probes",
+        "sack_retransmits",
         "snd_una",
         "snd_nxt",
         "snd_max",
@@ -322,6 +351,12 @@ class TcpConnection:
         "_run_hi",
         "_dsack_lo",
         "_dsack_hi",
+        "_sb_lo",
+        "_sb_hi",
+        "_rtx_hi",
+        "_rtx_ends",
+        "_rtx_marks",
+        "_rtx_lost",
         "_ack_due",
         "_dupacks_due",
         "_synack_due",
@@ -368,6 +403,8 @@ class TcpConnection:
         """Segments sent again (RTO, fast retransmit, SYN-ACK)."""
         self.probes = 0
         """Zero-window probes sent (RFC 9293 §3.8.6.1)."""
+        self.sack_retransmits = 0
+        """Of the retransmits, holes the app's SACK blocks showed lost (RFC 6675)."""
         self._state = _LISTEN
 
         # RFC 7323 §2.2: scaling is on only if both sides offer it, and the shift the
@@ -447,6 +484,18 @@ class TcpConnection:
         self._dsack_lo = -1
         """A duplicate segment's range to report (RFC 2883), or -1."""
         self._dsack_hi = -1
+        self._sb_lo: list[int] = []
+        """The sender's scoreboard (RFC 6675 §3): our data the app has SACKed, as
+        disjoint ranges above SND.UNA (ascending)."""
+        self._sb_hi: list[int] = []
+        self._rtx_hi = 0
+        """HighRxt (RFC 6675 §2): in SACK recovery, the end of the last hole resent."""
+        self._rtx_ends: list[int] = []
+        """In SACK recovery, the holes resent and still unacknowledged: their ends
+        (ascending), and SND.MAX when each went out (_rtx_marks)."""
+        self._rtx_marks: list[int] = []
+        self._rtx_lost = False
+        """The resent segment at SND.UNA was lost too: send it again."""
 
         self._ack_due = False
         self._dupacks_due = 0
@@ -487,6 +536,12 @@ class TcpConnection:
     def timestamps(self) -> bool:
         """Whether the RFC 7323 Timestamps option is in use (the app offered it)."""
         return self._ts_ok
+
+    @property
+    def sack(self) -> bool:
+        """Whether SACK is on (the app offered it and TcpParams.sack): its ACKs may then
+        carry blocks for :meth:`receive`."""
+        return self._sack_ok
 
     @property
     def send_queued(self) -> int:
@@ -648,12 +703,14 @@ class TcpConnection:
         now: float,
         tsval: int = -1,
         tsecr: int = 0,
+        sack: tuple[int, ...] = (),
     ) -> None:
         """Process one segment from the app (RFC 9293 §3.10.7).
 
         ``window`` is the raw 16-bit field; ``payload`` may be a memoryview into the
         engine's packet buffer: whatever is kept is copied. ``tsval``/``tsecr``: its
-        Timestamps option, tsval -1 if it had none.
+        Timestamps option, tsval -1 if it had none. ``sack``: its SACK option's edges
+        (32-bit wire values, left and right in pairs), used only with SACK on.
         """
         state = self._state
         if state is _CLOSED:
@@ -680,13 +737,14 @@ class TcpConnection:
             and self._ooo_fin < 0
         ):
             # TS.Recent only from a segment the ACK check accepted (like Linux).
-            if self._on_ack(ack, window, rcv_nxt, plen == 0, now, tsecr):
+            if self._on_ack(ack, window, rcv_nxt, plen == 0, now, tsecr, sack):
                 if tsval >= 0:
                     self._ts_update(rcv_nxt, tsval)
                 if plen:
                     self._deliver(payload, 0, plen, now)
             return
-        self._receive_slow(state, off, ack, flags, window, payload, plen, now, tsval, tsecr)
+        self._receive_slow(state, off, ack, flags, window, payload, plen, now, tsval, tsecr,
+                           sack)
 
     def _ts_update(self, seg_start: int, tsval: int) -> None:
         """RFC 7323 §4.3 (2): TS.Recent takes SEG.TSval if it is not older and the
@@ -709,6 +767,7 @@ class TcpConnection:
         now: float,
         tsval: int,
         tsecr: int,
+        sack: tuple[int, ...],
     ) -> None:
         """Everything but the in-order ESTABLISHED case, step by step (§3.10.7.4)."""
         rcv_nxt = self.rcv_nxt
@@ -775,7 +834,7 @@ class TcpConnection:
                 return
             self._establish(window, seg_start, now)
         elif state is _TIME_WAIT or not self._on_ack(
-            ack, window, seg_start, seg_len == 0, now, tsecr
+            ack, window, seg_start, seg_len == 0, now, tsecr, sack
         ):
             # TIME-WAIT: only a retransmitted FIN may arrive, handled above.
             return
@@ -812,7 +871,8 @@ class TcpConnection:
         self._events.append(Established())
 
     def _on_ack(
-        self, ack: int, window: int, seg_start: int, pure: bool, now: float, tsecr: int
+        self, ack: int, window: int, seg_start: int, pure: bool, now: float, tsecr: int,
+        sack: tuple[int, ...],
     ) -> bool:
         """ACK field processing in synchronized states; False if the segment is dropped."""
         snd_una = self.snd_una
@@ -843,19 +903,44 @@ class TcpConnection:
                         self._max_snd_wnd = wnd
                 self.snd_wl1 = seg_start
                 self.snd_wl2 = a
+            if sack and self._sack_ok:
+                self._sack_update(sack, a)
             if d > 0:
                 self._on_new_ack(a, now, tsecr)
             elif pure and not wnd_changed and self.snd_wnd and self.snd_nxt > snd_una:
                 # RFC 5681 §2 duplicate ACK: data outstanding, no text/SYN/FIN, same
                 # ACK and same window.
                 self._on_dup_ack()
+            if (self._sb_lo and not self._in_recovery and self.snd_una >= self._recover
+                    and self._sack_lost_edge() > self.snd_una):
+                # RFC 6675 §5: the scoreboard shows SND.UNA's segment lost before the
+                # third duplicate ACK (or without duplicates: a window update).
+                self._enter_recovery()
+            elif (self._rtx_ends and self._in_recovery and self._sb_hi
+                    and self._sb_hi[-1] > self._rtx_marks[0]):
+                # The app holds data we sent after resending the segment at SND.UNA,
+                # yet not that segment: the resend was lost too (as RACK, RFC 8985,
+                # infers from send order). RFC 6675 alone would wait for the RTO.
+                self._rtx_lost = True
         if self.snd_nxt > self.snd_una and self.snd_wl2 + self.snd_wnd <= self.snd_una:
-            # The window closed with data in flight (RFC 9293 §3.8.6.2.2, shrinking):
-            # treat it as unsent and let the persist timer probe; no RTO timeout.
-            self.snd_nxt = self.snd_una
-            self._rtx_deadline = None
-            self._rtt_seq = -1
+            # The window closed with data in flight (RFC 9293 §3.8.6.2.2, shrinking).
+            self._window_closed_in_flight()
         return True
+
+    def _window_closed_in_flight(self) -> None:
+        """What is outstanding counts as unsent: go-back-N from SND.UNA once the window
+        reopens, the persist timer probing meanwhile, no RTO. A fast recovery ends here
+        (cwnd deflated to ssthresh; none again before SND.UNA passes what was sent): with
+        SACK its pipe estimate would count that data in flight and send nothing."""
+        self.snd_nxt = self.snd_una
+        self._rtx_deadline = None
+        self._rtt_seq = -1
+        if self._in_recovery:
+            self._in_recovery = False
+            self._dupacks = 0
+            self._recover = self.snd_max
+            if self._cwnd > self._ssthresh:
+                self._cwnd = self._ssthresh
 
     def _on_new_ack(self, a: int, now: float, tsecr: int) -> None:
         """SND.UNA < SEG.ACK =< SND.MAX: free acknowledged data, run RFC 5681/6298/6582."""
@@ -871,6 +956,13 @@ class TcpConnection:
         self.snd_una = a
         if self.snd_nxt < a:
             self.snd_nxt = a
+        if self._sb_lo:
+            self._sack_trim(a)
+        if self._rtx_ends:
+            j = bisect_right(self._rtx_ends, a)
+            if j:
+                del self._rtx_ends[:j]
+                del self._rtx_marks[:j]
         self._retries = 0
         if 0 <= self._rtt_seq <= a:
             self._rtt_sample(now - self._rtt_time)
@@ -892,12 +984,14 @@ class TcpConnection:
                 flight = self.snd_nxt - a
                 self._cwnd = min(self._ssthresh, max(flight, smss) + smss)
             else:
-                # RFC 6582 §3.2 step 4, partial ACK: the next hole is lost too.
+                # RFC 6582 §3.2 step 4, partial ACK: the next hole is lost too (with
+                # SACK too, as Linux assumes: the blocks may not show it lost yet).
                 self._rtx_now = True
-                cwnd = self._cwnd - acked
-                if acked >= smss:
-                    cwnd += smss
-                self._cwnd = cwnd if cwnd > smss else smss
+                if not self._sack_ok:
+                    cwnd = self._cwnd - acked
+                    if acked >= smss:
+                        cwnd += smss
+                    self._cwnd = cwnd if cwnd > smss else smss
         else:
             self._dupacks = 0
             if self._cwnd < self._ssthresh:
@@ -924,21 +1018,134 @@ class TcpConnection:
     def _on_dup_ack(self) -> None:
         """Count a duplicate ACK; the third starts fast retransmit (RFC 5681 §3.2)."""
         self._dupacks += 1
-        smss = self._smss
         if self._in_recovery:
-            # RFC 6582 §3.2 step 3: each further duplicate means a segment left the
-            # network; inflate so new data can keep the pipe full.
-            self._cwnd += smss
+            if not self._sack_ok:
+                # RFC 6582 §3.2 step 3: each further duplicate means a segment left
+                # the network; inflate so new data can keep the pipe full. (With SACK
+                # the pipe estimate counts what left.)
+                self._cwnd += self._smss
         elif self._dupacks == _DUPTHRESH and self.snd_una >= self._recover:
             # RFC 6582 §3.2 step 2: only if this is not the tail of an earlier loss
             # episode (SND.UNA has passed "recover").
-            flight = self.snd_nxt - self.snd_una
-            self._ssthresh = max(flight // 2, 2 * smss)
-            self._recover = self.snd_max
+            self._enter_recovery()
+
+    def _enter_recovery(self) -> None:
+        """Fast retransmit and enter fast recovery (RFC 5681 §3.2, RFC 6582 §3.2 step 2,
+        RFC 6675 §5 steps 4.1-4.3)."""
+        smss = self._smss
+        flight = self.snd_nxt - self.snd_una
+        self._ssthresh = max(flight // 2, 2 * smss)
+        self._recover = self.snd_max
+        if self._sack_ok:
+            self._cwnd = self._ssthresh
+            self._rtx_hi = self.snd_una
+            self._rtx_ends.clear()
+            self._rtx_marks.clear()
+            self._rtx_lost = False
+        else:
             self._cwnd = self._ssthresh + _DUPTHRESH * smss
-            self._in_recovery = True
-            self._rtx_now = True
-            self._rtt_seq = -1  # Karn
+        self._in_recovery = True
+        self._rtx_now = True
+        self._rtt_seq = -1  # Karn
+
+    # ------------------------------------------------------------------ SACK scoreboard
+
+    def _sack_update(self, sack: tuple[int, ...], a: int) -> None:
+        """Merge the app's SACK blocks (RFC 2018 §3) into the scoreboard. A block is taken
+        only inside (SEG.ACK, SND.MAX]: that drops a D-SACK block (RFC 2883, at or below
+        the ACK) and anything malformed or forged, as RFC 2018 lets a sender ignore."""
+        top = self.snd_max - a
+        base = self.iss + a
+        lo = self._sb_lo
+        hi = self._sb_hi
+        for k in range(0, len(sack) - 1, 2):
+            left = (sack[k] - base) & SEQ_MASK
+            right = (sack[k + 1] - base) & SEQ_MASK
+            if 0 < left < right <= top:
+                _range_add(lo, hi, a + left, a + right)
+        if len(lo) > _MAX_SACKED_RANGES:
+            del lo[_MAX_SACKED_RANGES:]
+            del hi[_MAX_SACKED_RANGES:]
+
+    def _sack_trim(self, a: int) -> None:
+        """Forget the scoreboard's ranges that SND.UNA = ``a`` has reached (a range the
+        cumulative ACK cuts into goes whole: the app no longer holds what it said)."""
+        j = bisect_right(self._sb_lo, a)
+        if j:
+            del self._sb_lo[:j]
+            del self._sb_hi[:j]
+
+    def _sack_lost_edge(self) -> int:
+        """IsLost (RFC 6675 §4) as a boundary: every hole below it is lost, since above
+        it DupThresh ranges, or more than (DupThresh - 1) * SMSS bytes, are SACKed.
+        SND.UNA when the scoreboard shows nothing lost."""
+        lo = self._sb_lo
+        hi = self._sb_hi
+        limit = (_DUPTHRESH - 1) * self._smss
+        above = 0
+        n = len(lo)
+        i = n
+        while i:
+            i -= 1
+            above += hi[i] - lo[i]
+            if above > limit or n - i >= _DUPTHRESH:
+                return lo[i]
+        return self.snd_una
+
+    def _sack_fill(self, out: list[Segment], ack_w: int, win: int, tsv: int, tse: int) -> int:
+        """RFC 6675 §5 step (C) in SACK recovery: while the pipe leaves a segment's room
+        in cwnd, retransmit the next hole the scoreboard shows lost (NextSeg rule 1).
+        Returns the room left for new data (rule 2), which may be negative."""
+        lo = self._sb_lo
+        hi = self._sb_hi
+        una = self.snd_una
+        smss = self._smss
+        lost = self._sack_lost_edge()
+        s = self._rtx_hi if self._rtx_hi > una else una
+        # SetPipe (RFC 6675 §4): outstanding bytes, less the SACKed ones, less the lost
+        # ones not resent yet (the holes between s and the lost edge).
+        pipe = self.snd_max - una
+        for i in range(len(lo)):
+            pipe -= hi[i] - lo[i]
+        first = bisect_right(hi, s)
+        p = s
+        for i in range(first, len(lo)):
+            if lo[i] > lost:
+                break
+            if lo[i] > p:
+                pipe -= lo[i] - p
+            p = hi[i]
+        room = self._cwnd - pipe
+        i = first
+        n_ranges = len(lo)
+        data_end = self._sndbuf_start + len(self._sndbuf)
+        edge = self.snd_wl2 + self.snd_wnd
+        while room >= smss:
+            while i < n_ranges and lo[i] <= s:
+                s = hi[i]
+                i += 1
+            if i >= n_ranges or s >= lost:
+                break
+            # The hole ends where a SACKed range starts: never past the data (a block
+            # ends at SND.MAX at most), so never at our FIN.
+            n = lo[i] - s
+            if n > smss:
+                n = smss
+            if s + n > edge:
+                break  # beyond the app's window now (only if it shrank: as Linux does)
+            off = s - self._sndbuf_start
+            out.append(Segment((self.iss + s) & SEQ_MASK, ack_w,
+                               ACK | (PSH if s + n == data_end else 0), win,
+                               self._sndbuf.slice(off, off + n), 0, -1, False, tsv, tse))
+            self.retransmits += 1
+            self.sack_retransmits += 1
+            s += n
+            room -= n
+            self._rtx_hi = s
+            if len(self._rtx_ends) < 2 * _MAX_SACKED_RANGES:  # bounded; unlogged: the RTO
+                self._rtx_ends.append(s)
+                self._rtx_marks.append(self.snd_max)
+        return room
 
     def _on_fin_acked(self, now: float) -> None:
         """Our FIN is acknowledged (RFC 9293 §3.10.7.4, FIN-WAIT-1/CLOSING/LAST-ACK)."""
@@ -1120,22 +1327,8 @@ class TcpConnection:
             datas[i:j] = [p[1] for p in pairs]
         if self._sack_ok:
             for s, d in zip(new_s, new_d, strict=True):
-                self._run_add(s, s + len(d))
+                _range_add(self._run_lo, self._run_hi, s, s + len(d))
         return True
-
-    def _run_add(self, lo: int, hi: int) -> None:
-        """Merge held range [lo, hi) into the runs, joining any it touches."""
-        rlo = self._run_lo
-        rhi = self._run_hi
-        i = bisect_left(rhi, lo)  # the first run ending at or after lo
-        j = bisect_right(rlo, hi)  # past the last run starting at or before hi
-        if i < j:
-            if rlo[i] < lo:
-                lo = rlo[i]
-            if rhi[j - 1] > hi:
-                hi = rhi[j - 1]
-        rlo[i:j] = [lo]
-        rhi[i:j] = [hi]
 
     def _ooo_drain(self) -> list[bytes]:
         """Pop held pieces that RCV.NXT has reached; advance RCV.NXT past them."""
@@ -1343,14 +1536,20 @@ class TcpConnection:
         iss = self.iss
         smss = self._smss
         sent = False
-        if self._rtx_now:
-            # Fast retransmit / NewReno partial ACK: the first unacknowledged
-            # segment, whatever the windows say (it was in them once).
+        sack_recovery = self._in_recovery and self._sack_ok
+        lost = self._rtx_lost
+        if self._rtx_now or lost:
+            # Fast retransmit / partial ACK: the first unacknowledged segment, whatever
+            # the windows say (it was in them once); with SACK only if it has not been
+            # resent in this recovery yet, or that resend was lost.
             self._rtx_now = False
-            if una < self.snd_max:
+            self._rtx_lost = False
+            if una < self.snd_max and (lost or not (sack_recovery and una < self._rtx_hi)):
                 n = min(smss, self.snd_max - una, data_end - una)
                 if n < 0:
                     n = 0
+                if sack_recovery and self._sb_lo and self._sb_lo[0] - una < n:
+                    n = self._sb_lo[0] - una  # not into what the app holds
                 fin = self._fin_queued and una + n == data_end and una + n < self.snd_max
                 flags = ACK | (FIN if fin else 0) | (PSH if n and una + n == data_end else 0)
                 lo = una - buf_start
@@ -1360,21 +1559,58 @@ class TcpConnection:
                 )
                 self.retransmits += 1
                 sent = True
+                if sack_recovery:
+                    end = una + n + (1 if fin else 0)
+                    if end > self._rtx_hi:
+                        self._rtx_hi = end
+                    if lost:
+                        self.sack_retransmits += 1
+                    if self._rtx_ends and self._rtx_ends[0] <= end:
+                        self._rtx_marks[0] = self.snd_max  # its resend, sent again
+                    else:
+                        self._rtx_ends.insert(0, end)
+                        self._rtx_marks.insert(0, self.snd_max)
                 if self._rtx_deadline is None:
                     self._rtx_deadline = now + self._rto
+        room = 0
+        if sack_recovery:
+            n_out = len(out)
+            room = self._sack_fill(out, ack_w, win, tsv, tse)
+            if len(out) > n_out:
+                sent = True
 
         nxt = self.snd_nxt
         if nxt < seq_end:
             edge = self.snd_wl2 + self.snd_wnd
-            limit = una + self._cwnd
-            if edge < limit:
-                limit = edge
+            # In SACK recovery new data goes out only as the pipe allows (RFC 6675 §5).
+            cwnd_limit = nxt + room if sack_recovery else una + self._cwnd
+            sb_lo = self._sb_lo
+            sb_hi = self._sb_hi
+            if sb_lo and not sack_recovery:
+                # What the app has SACKed below SND.NXT is not in flight (as in SetPipe).
+                for i in range(len(sb_lo)):
+                    if sb_lo[i] >= nxt:
+                        break
+                    cwnd_limit += (sb_hi[i] if sb_hi[i] < nxt else nxt) - sb_lo[i]
+            limit = cwnd_limit if cwnd_limit < edge else edge
             snd_max = self.snd_max
             while nxt < seq_end:
+                cap = smss
+                if nxt < snd_max and sb_lo:
+                    # A resend (go-back-N after a timeout): skip what the app has SACKed.
+                    # It is not in flight either, so it leaves its share of cwnd.
+                    k = bisect_right(sb_lo, nxt)
+                    if k and nxt < sb_hi[k - 1]:
+                        cwnd_limit += sb_hi[k - 1] - nxt
+                        limit = cwnd_limit if cwnd_limit < edge else edge
+                        nxt = sb_hi[k - 1]
+                        continue
+                    if k < len(sb_lo) and sb_lo[k] - nxt < cap:
+                        cap = sb_lo[k] - nxt
                 if nxt < data_end:
                     n = data_end - nxt
-                    if n > smss:
-                        n = smss
+                    if n > cap:
+                        n = cap
                     room = limit - nxt
                     if n > room:
                         # Sender SWS avoidance (RFC 9293 §3.8.6.2.1): a short
@@ -1532,8 +1768,7 @@ class TcpConnection:
         if self.snd_wl2 + self.snd_wnd <= self.snd_una:
             # The window is closed: what is outstanding waits for it to open, and
             # the persist timer (which tolerates a live app's zero window) probes.
-            self._rtx_deadline = None
-            self.snd_nxt = self.snd_una
+            self._window_closed_in_flight()
             return
         if self._retries >= p.max_retransmits:
             log.debug("retransmissions exhausted in %s", self._state.value)
@@ -1553,6 +1788,12 @@ class TcpConnection:
         self._in_recovery = False
         self._dupacks = 0
         self._rtx_now = False
+        if self._retries > 1:
+            # A second timeout without progress: the app may have dropped what it
+            # SACKed (reneging, RFC 2018 §8), so the go-back-N resends that too. After
+            # the first, it skips what the app holds (RFC 6675 §5.1, as Linux does).
+            self._sb_lo.clear()
+            self._sb_hi.clear()
         self.snd_nxt = self.snd_una  # go-back-N: resend from the first hole
         self._rto = min(self._rto * 2, p.rto_max)  # RFC 6298 §5.5
         # Re-armed here, not when the retransmission is built, so the back-off and

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import heapq
 import random
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import pytest
 
@@ -116,9 +116,11 @@ class App:
         ack: int | None = None,
         win: int | None = None,
         ts: tuple[int, int] = (-1, 0),
+        sack: Iterable[tuple[int, int]] = (),
     ) -> None:
         """Send one segment from the app; without ``at`` it is the next in order.
-        ``ts``: its (TSval, TSecr), TSval -1 for no Timestamps option."""
+        ``ts``: its (TSval, TSecr), TSval -1 for no Timestamps option; ``sack``: its
+        SACK blocks, (left, right) positions in our stream."""
         p = self.nxt if at is None else at
         self.conn.receive(
             (IRS + p) & SEQ_MASK,
@@ -128,6 +130,7 @@ class App:
             data,
             self.now,
             *ts,
+            tuple((ISS + e) & SEQ_MASK for block in sack for e in block),
         )
         if at is None:
             self.nxt += len(data) + (1 if flags & FIN else 0)
@@ -816,7 +819,9 @@ def test_go_back_n_after_rto_resends_the_rest_as_acks_return(app: App) -> None:
     assert pos(again[0]) == 1001 and len(again) == 2  # cwnd grew to 2 segments
 
 
-def test_fast_retransmit_after_three_dup_acks_and_newreno(app: App) -> None:
+def test_fast_retransmit_after_three_dup_acks_and_newreno() -> None:
+    app = App(sack=False)
+    app.handshake()
     app.conn.send(b"".join(bytes([i]) * 1000 for i in range(14)))
     segs = app.out()
     assert len(segs) == 10  # the initial window
@@ -849,6 +854,194 @@ def test_dup_acks_with_window_change_are_not_duplicates(app: App) -> None:
     for w in (100, 200, 300, 400):
         app.seg(win=w)
     assert app.conn.retransmits == 0
+
+
+def _ten_segments(app: App) -> list[Segment]:
+    """Queue 20 distinct 1000-byte segments and take the initial window's 10."""
+    app.conn.send(b"".join(bytes([i]) * 1000 for i in range(20)))
+    segs = app.out()
+    assert [pos(s) for s in segs] == [1 + 1000 * i for i in range(10)]
+    return segs
+
+
+def test_sack_recovery_resends_the_lost_holes_as_the_pipe_allows(app: App) -> None:
+    # Segments 1-6 of 10 are lost; the app holds 7-10 and says so, one block per arrival.
+    _ten_segments(app)
+    # What it SACKed is not in flight: one new segment per duplicate (RFC 3042's limited
+    # transmit), and 2,000 bytes SACKed above the first hole do not yet make it lost.
+    app.seg(sack=[(6001, 7001)])
+    assert [pos(s) for s in app.out()] == [10001]
+    app.seg(sack=[(6001, 8001)])
+    assert [pos(s) for s in app.out()] == [11001]
+    # Third duplicate: recovery, cwnd = ssthresh = 6,000. Pipe: 12,000 outstanding,
+    # 3,000 SACKed, 5,000 lost (1001..6001) once the first hole is resent = 4,000; so
+    # two more holes fit. The SACKed segments are never resent.
+    app.seg(sack=[(6001, 9001)])
+    assert [pos(s) for s in app.out()] == [1, 1001, 2001]
+    assert app.conn.cwnd == 6000
+    # Each further arrival takes a segment out of the pipe: one more hole each.
+    app.seg(sack=[(6001, 10001)])
+    (r,) = app.out()
+    assert (pos(r), r.payload) == (3001, b"\x03" * 1000)
+    app.seg(sack=[(6001, 11001)])
+    assert [pos(s) for s in app.out()] == [4001]
+    app.seg(sack=[(6001, 12001)])
+    assert [pos(s) for s in app.out()] == [5001]  # every hole resent in one round trip
+    # The first retransmission arrives: a partial ACK. 1001 was resent already, and
+    # nothing else is lost: the room goes to new data.
+    app.seg(ack=1001, sack=[(6001, 12001)])
+    assert [pos(s) for s in app.out()] == [12001]
+    app.seg(ack=12001)  # full ACK: recovery is over
+    assert app.conn.coalesce_ack()  # (ACKs may coalesce again)
+    assert (app.conn.retransmits, app.conn.sack_retransmits) == (6, 5)
+
+
+def test_sack_recovery_waits_for_a_whole_segment_of_room(app: App) -> None:
+    _ten_segments(app)
+    # One ACK shows 3,500 bytes held above the first hole: recovery at once, cwnd 5,000,
+    # pipe 1,500 after the first resend; three holes fit, and the 500 bytes of room
+    # left are not enough for the fourth (RFC 6675 §5 step C: cwnd - pipe >= 1 SMSS).
+    app.seg(win=60000, sack=[(6001, 9501)])
+    assert [pos(s) for s in app.out()] == [1, 1001, 2001, 3001]
+
+
+def test_sack_recovery_resends_no_hole_beyond_the_apps_window(app: App) -> None:
+    _ten_segments(app)
+    # 1-3 lost, 4-10 held; the same ACK offers a window of only 12 << 7 = 1,536 bytes.
+    app.seg(win=12, sack=[(3001, 10001)])
+    assert [pos(s) for s in app.out()] == [1]  # the first hole, whatever the window
+
+
+def test_sack_three_ranges_above_make_a_hole_lost_whatever_their_size(app: App) -> None:
+    for _ in range(10):  # ten 100-byte segments
+        app.conn.send(b"x" * 100)
+        assert len(app.out()) == 1
+    app.seg(win=60000, sack=[(201, 301), (401, 501)])
+    assert app.out() == []  # two ranges, 200 bytes: nothing lost yet
+    app.seg(win=60001, sack=[(201, 301), (401, 501), (601, 701)])
+    assert [pos(s) for s in app.out()] == [1]  # DupThresh ranges above: lost
+
+
+def test_sack_a_cumulative_ack_into_a_sacked_range_forgets_it(app: App) -> None:
+    _ten_segments(app)
+    app.seg(win=60000, sack=[(3001, 4001), (6001, 7001)])
+    app.seg(ack=3001)  # the app no longer holds 3001-4001, or it would ACK 4001
+    assert (app.conn._sb_lo, app.conn._sb_hi) == ([6001], [7001])
+
+
+def test_after_a_timeout_go_back_n_skips_what_the_app_sacked(app: App) -> None:
+    _ten_segments(app)
+    app.seg(sack=[(2001, 10001)])  # 1 and 2 lost, 3-10 held: recovery resends both
+    assert [pos(s) for s in app.out()] == [1, 1001, 10001, 11001, 12001]
+    app.fire()  # and everything after the first was lost too
+    assert [pos(s) for s in app.out()] == [1]
+    app.seg(ack=1001, sack=[(2001, 10001)])
+    # cwnd 2,000: the hole, then not the 8,000 bytes the app holds but new data.
+    assert [pos(s) for s in app.out()] == [1001, 10001]
+
+
+def test_a_second_timeout_forgets_the_sack_blocks(app: App) -> None:
+    _ten_segments(app)
+    app.seg(sack=[(2001, 10001)])
+    app.out()
+    app.fire()
+    app.out()
+    app.fire()  # still nothing: the app may have dropped what it held (reneging)
+    assert [pos(s) for s in app.out()] == [1]
+    app.seg(ack=1001)
+    assert [pos(s) for s in app.out()] == [1001, 2001]  # resent, SACKed or not
+
+
+def test_sack_recovery_ends_when_the_window_closes_on_data_in_flight(app: App) -> None:
+    _ten_segments(app)
+    for n in (2001, 3001, 4001):  # 1 lost, 2-4 held: recovery
+        app.seg(sack=[(1001, n)])
+    assert [pos(s) for s in app.out()] == [1]
+    app.seg(win=0, sack=[(1001, 4001)])  # the app takes its window back (shrinking)
+    assert app.out() == [] and app.conn.next_timer() < app.now + 1  # probing
+    app.now += 0.5
+    app.seg(win=60000, sack=[(1001, 4001)])
+    # Reopened: everything outstanding is resent but what the app holds (cwnd 5,000 and
+    # the 3,000 SACKed bytes), and the retransmission timer runs. (Still in recovery,
+    # the pipe would count all of it in flight and nothing would ever be sent.)
+    assert [pos(s) for s in app.out()] == [1, 4001, 5001, 6001, 7001]
+    assert app.conn.next_timer() < app.now + 2
+
+
+def test_sack_recovery_resends_a_lost_resend_without_waiting_for_the_timer(app: App) -> None:
+    _ten_segments(app)
+    app.seg(win=60000, sack=[(1001, 10001)])  # only 1 lost: resent, then new data
+    assert [pos(s) for s in app.out()] == [1, 10001, 11001, 12001, 13001]
+    app.seg(sack=[(1001, 10001)])  # nothing sent after the resend has arrived yet
+    assert app.out() == []
+    # 10001 has arrived, sent after the resend of 1, which has not: that was lost too.
+    # (And as 10001 left the pipe, one more new segment fits.)
+    app.seg(sack=[(1001, 11001)])
+    assert [pos(s) for s in app.out()] == [1, 14001]
+    app.seg(sack=[(1001, 12001)])  # 11001 was sent before the second resend
+    assert [pos(s) for s in app.out()] == [15001]
+    assert (app.conn.retransmits, app.conn.sack_retransmits) == (2, 1)
+
+
+def test_sack_newreno_without_blocks_resends_one_hole_per_round_trip(app: App) -> None:
+    # SACK is on but the app's duplicates carry no blocks: what NewReno would resend,
+    # without inflating the window.
+    _ten_segments(app)
+    for _ in range(3):
+        app.seg()
+    assert [pos(s) for s in app.out()] == [1]
+    app.seg(ack=1001)  # partial ACK: the next hole
+    assert [pos(s) for s in app.out()] == [1001]
+    assert app.conn.sack_retransmits == 0
+
+
+def test_sack_blocks_start_recovery_before_three_duplicates(app: App) -> None:
+    _ten_segments(app)
+    # A window update (so not a duplicate ACK) whose block shows 3,000 bytes held
+    # above the first segment: it is lost, and resent at once.
+    app.seg(win=60000, sack=[(3001, 6001)])
+    assert [pos(s) for s in app.out()] == [1]
+    assert app.conn.cwnd == 5000
+
+
+@pytest.mark.parametrize(
+    "block",
+    [
+        (0, 3001),  # starts below the ACK: a D-SACK, or nonsense
+        (1, 5001),  # starts at the ACK: the ACK would have covered it
+        (6001, 12001),  # ends beyond anything sent
+        (6001, 10002),  # ends one past it
+        (8001, 3001),  # reversed
+        (5001, 5001),  # empty
+        (1 + 2**31, 4001 + 2**31),  # the other half of the sequence space
+    ],
+)
+def test_sack_blocks_outside_what_is_outstanding_are_ignored(
+    app: App, block: tuple[int, int]
+) -> None:
+    _ten_segments(app)
+    app.seg(win=60000, sack=[block, block])
+    app.seg(win=60001, sack=[block])
+    assert app.out() == [] and app.conn.retransmits == 0
+    app.seg(win=60002, sack=[block, (3001, 6001)])  # the same ACK with a real block
+    assert [pos(s) for s in app.out()] == [1]
+
+
+def test_sack_blocks_are_ignored_with_sack_off() -> None:
+    app = App(sack=False)
+    app.handshake()
+    _ten_segments(app)
+    app.seg(win=60000, sack=[(3001, 6001), (7001, 10001)])
+    assert app.out() == [] and app.conn.retransmits == 0
+
+
+def test_sack_scoreboard_is_bounded(app: App) -> None:
+    _ten_segments(app)
+    blocks = [(2 + 2 * k, 3 + 2 * k) for k in range(600)]  # 600 disjoint bytes
+    for k in range(0, 600, 4):
+        app.seg(win=1000 + k, sack=blocks[k : k + 4])
+    # The lowest 256 are kept: what is forgotten can only cause a needless resend.
+    assert list(zip(app.conn._sb_lo, app.conn._sb_hi, strict=True)) == blocks[:256]
 
 
 # --------------------------------------------------------------------- FIN
@@ -1271,11 +1464,17 @@ class ModelKernel:
     reordering produce the duplicate ACKs a real kernel would send. A ``stalling``
     app reads only half of the time: its window closes and reopens (with a window
     update, as Linux sends), so our zero-window probing gets exercised. Against our
-    zero window it probes once per 0.2 s like a kernel would.
+    zero window it probes once per 0.2 s like a kernel would. With ``sack`` its pure
+    ACKs report what it holds out of order (RFC 2018: the latest arrival's block first,
+    then the highest others, 3 at most).
     """
 
-    def __init__(self, data: bytes, mss: int, window: int = 1 << 20, stalling: bool = False):
+    def __init__(self, data: bytes, mss: int, window: int = 1 << 20, stalling: bool = False,
+                 sack: bool = False):
         self.data = data
+        self.sack = sack
+        self.latest = 0
+        """Position of the latest out-of-order arrival."""
         self.mss = mss
         self.window = window
         self.stalling = stalling
@@ -1347,6 +1546,7 @@ class ModelKernel:
                 self._drain()
             elif self.rcv_nxt < p < end:
                 self.ooo.setdefault(p, bytes(s.payload[: end - p]))
+                self.latest = p
         if s.flags & FIN:
             self.acks_due += 1
             if p + len(s.payload) <= right:
@@ -1372,11 +1572,24 @@ class ModelKernel:
                 elif p > self.rcv_nxt:
                     self.ooo[p] = d
 
-    def _segment(self, at: int) -> tuple[int, int, int, int, bytes]:
+    def _segment(self, at: int) -> tuple[int, int, int, int, bytes, tuple[int, ...]]:
         n = min(self.mss, self.fin_pos - at)
         flags = ACK | (FIN if at + n == self.fin_pos else 0)
         payload = self.data[at - 1 : at - 1 + n]
-        return (IRS + at) & SEQ_MASK, self._ack(), flags, self._win(), payload
+        return (IRS + at) & SEQ_MASK, self._ack(), flags, self._win(), payload, ()
+
+    def _sack(self) -> tuple[int, ...]:
+        """SACK edges (wire values) of what is held out of order."""
+        if not self.sack:
+            return ()
+        runs: list[list[int]] = []
+        for p in sorted(self.ooo):
+            if runs and runs[-1][1] >= p:
+                runs[-1][1] = max(runs[-1][1], p + len(self.ooo[p]))
+            else:
+                runs.append([p, p + len(self.ooo[p])])
+        runs.sort(key=lambda r: (not r[0] <= self.latest < r[1], -r[0]))
+        return tuple((ISS + e) & SEQ_MASK for r in runs[:3] for e in r)
 
     def _ack(self) -> int:
         return (ISS + self.rcv_nxt) & SEQ_MASK
@@ -1385,7 +1598,7 @@ class ModelKernel:
         self.advertised = self._free()
         return self.advertised >> self.shift
 
-    def output(self, now: float) -> list[tuple[int, int, int, int, bytes]]:
+    def output(self, now: float) -> list[tuple[int, int, int, int, bytes, tuple[int, ...]]]:
         if not self.established:
             return []
         self.read(now)
@@ -1408,9 +1621,9 @@ class ModelKernel:
             if self.probe_at is None:
                 self.probe_at = now + 0.2
             elif now >= self.probe_at:
-                seq, ack, flags, win, payload = self._segment(self.snd_nxt)
+                seq, ack, flags, win, payload, _ = self._segment(self.snd_nxt)
                 out.append(
-                    (seq, ack, flags & ~FIN if len(payload) > 1 else flags, win, payload[:1])
+                    (seq, ack, flags & ~FIN if len(payload) > 1 else flags, win, payload[:1], ())
                 )
                 self.probe_at = now + 0.2
         else:
@@ -1418,7 +1631,8 @@ class ModelKernel:
         if out:
             self.acks_due -= 1  # the data carries one of them
         for _ in range(self.acks_due):  # one ACK per data segment received
-            out.append(((IRS + self.snd_nxt) & SEQ_MASK, self._ack(), ACK, self._win(), b""))
+            out.append(((IRS + self.snd_nxt) & SEQ_MASK, self._ack(), ACK, self._win(), b"",
+                        self._sack()))
         self.acks_due = 0
         return out
 
@@ -1477,17 +1691,37 @@ class LossyLink:
         return out
 
 
+def _exchange(now: float, link: LossyLink, conn: TcpConnection, model: ModelKernel,
+              engine_step: Callable[[], None]) -> None:
+    """One step of a simulated transfer at ``now``: what the link delivers, both sides'
+    timers, then what each sends (``engine_step`` plays the engine around ``conn``)."""
+    for dest, seg in link.due(now):
+        if dest == "app":
+            model.on_segment(seg, now)  # type: ignore[arg-type]
+        else:
+            seq, ack, flags, win, payload, blocks = seg  # type: ignore[misc]
+            conn.receive(seq, ack, flags, win, payload, now, -1, 0, blocks)
+    conn.handle_timer(now)
+    model.on_timer(now)
+    engine_step()
+    for seg in model.output(now):
+        link.put(now, "conn", seg)
+
+
 @pytest.mark.parametrize(
-    ("seed", "mss", "slow_proxy", "slow_app"),
+    ("seed", "mss", "slow_proxy", "slow_app", "sack"),
     [
-        (1, 16384, False, False),
-        (2, 1460, False, False),
-        (3, 16384, True, False),  # our receive window closes and reopens
-        (4, 16384, False, True),  # the app's window closes: zero-window probes
+        (1, 16384, False, False, False),
+        (2, 1460, False, False, False),
+        (3, 16384, True, False, False),  # our receive window closes and reopens
+        (4, 16384, False, True, False),  # the app's window closes: zero-window probes
+        (1, 16384, False, False, True),  # the app SACKs our data: RFC 6675 recovery
+        (2, 1460, False, False, True),
+        (3, 16384, True, False, True),
     ],
 )
 def test_long_lossy_transfer_delivers_exact_bytes_both_ways(
-    seed: int, mss: int, slow_proxy: bool, slow_app: bool
+    seed: int, mss: int, slow_proxy: bool, slow_app: bool, sack: bool
 ) -> None:
     """4 MB each way through 5% loss, 1% duplication and reordering, seeded."""
     rng = random.Random(seed)
@@ -1496,12 +1730,14 @@ def test_long_lossy_transfer_delivers_exact_bytes_both_ways(
     from_app = rng.randbytes(size)
     params = TcpParams(mss=mss, rcv_buf=1 << 20, snd_buf=1 << 20)
     # A stalling app gets a small socket buffer so that it really fills up.
-    model = ModelKernel(from_app, mss, window=1 << (16 if slow_app else 19), stalling=slow_app)
+    model = ModelKernel(from_app, mss, window=1 << (16 if slow_app else 19), stalling=slow_app,
+                        sack=sack)
     link = LossyLink(rng, loss=0.05, dup=0.01, reorder=0.2)
     now = 0.0
     syn = model.syn()
     conn = TcpConnection(
-        params, iss=ISS, irs=syn[0], peer_window=syn[3], peer_mss=mss, peer_wscale=7, now=now
+        params, iss=ISS, irs=syn[0], peer_window=syn[3], peer_mss=mss, peer_wscale=7, now=now,
+        peer_sack_permitted=sack,
     )
     conn.accept(now)
     got = bytearray()
@@ -1547,23 +1783,61 @@ def test_long_lossy_transfer_delivers_exact_bytes_both_ways(
             times.append(now + 0.01)
         now = max(now, min(times))
         assert now < 300, f"transfer stalled: {conn!r}"
-        for dest, seg in link.due(now):
-            if dest == "app":
-                model.on_segment(seg, now)  # type: ignore[arg-type]
-            else:
-                conn.receive(*seg, now)  # type: ignore[misc]
-        conn.handle_timer(now)
-        model.on_timer(now)
-        engine_step()
-        for seg in model.output(now):
-            link.put(now, "conn", seg)
+        _exchange(now, link, conn, model, engine_step)
 
     assert bytes(got) == from_app
     assert bytes(model.received) == to_app
     assert peer_closed
     assert conn.retransmits > 0 and model.retransmits > 0  # the loss was real
+    assert (conn.sack_retransmits > 0) == sack  # SACK recovery ran where it could
+    print(f"done at {now:.2f} s (simulated), {conn.retransmits} retransmits, "
+          f"{conn.sack_retransmits} from the scoreboard")
     assert conn.bytes_in == size and conn.bytes_out == size
     if slow_proxy:
         assert 0 in windows  # our window really closed
     if slow_app:
         assert conn.probes > 0  # and so did the app's
+
+
+def _lossy_download_seconds(seed: int, mss: int, sack: bool, size: int = 2 * 1024 * 1024) -> float:
+    """Simulated seconds until the model app has every byte of a download sent through
+    LossyLink (5 % loss, 1 % duplication, 20 % reordering); exact bytes checked."""
+    rng = random.Random(seed)
+    data = rng.randbytes(size)
+    params = TcpParams(mss=mss, rcv_buf=1 << 20, snd_buf=1 << 20)
+    model = ModelKernel(b"", mss, window=1 << 19, sack=sack)  # it uploads nothing
+    link = LossyLink(rng, loss=0.05, dup=0.01, reorder=0.2)
+    now = 0.0
+    syn = model.syn()
+    conn = TcpConnection(params, iss=ISS, irs=syn[0], peer_window=syn[3], peer_mss=mss,
+                         peer_wscale=7, now=now, peer_sack_permitted=sack)
+    conn.accept(now)
+    sent = 0
+
+    def step() -> None:
+        nonlocal sent
+        while conn.next_event() is not None:
+            pass
+        while sent < size and (n := conn.send(memoryview(data)[sent : sent + 100_000])):
+            sent += n
+        for s in conn.segments_to_send(now):
+            link.put(now, "app", s)
+
+    step()
+    while len(model.received) < size:
+        now = max(now, min(t for t in (link.next_time(), conn.next_timer(), model.next_timer())
+                           if t))
+        assert now < 300, f"download stalled: {conn!r}"
+        _exchange(now, link, conn, model, step)
+    assert bytes(model.received) == data
+    return now
+
+
+def test_sack_recovery_ends_lossy_downloads_sooner_than_newreno() -> None:
+    """The point of SACK recovery, in simulated time (deterministic, seeded): several
+    holes repaired per round trip instead of one, so fewer timeouts. Eight seeds,
+    16 KiB segments (seeded: 2.08 s in all against 6.69 s with NewReno)."""
+    newreno = sum(_lossy_download_seconds(seed, 16384, sack=False) for seed in range(8))
+    sack = sum(_lossy_download_seconds(seed, 16384, sack=True) for seed in range(8))
+    print(f"NewReno {newreno:.2f} s, SACK {sack:.2f} s")
+    assert sack < 0.6 * newreno, (sack, newreno)
