@@ -34,7 +34,10 @@ What is implemented, by RFC:
   in case the app dropped what it held (reneging, RFC 2018 §8). A resend of the segment
   at SND.UNA counts as lost once the app SACKs data sent after it (RACK's inference,
   RFC 8985 §6.2, without its time window), so it goes again instead of waiting for
-  the RTO.
+  the RTO; and SND.UNA's segment counts as lost, too few blocks for IsLost
+  notwithstanding (a small window, the last segments), once data sent after it has
+  been SACKed for a reordering window of SRTT/4 (RACK's idea; its per-segment clock
+  and adaptive window are not implemented).
 - RFC 6298 retransmission timer (SRTT/RTTVAR, Karn's algorithm, exponential
   back-off), RFC 5681 slow start / congestion avoidance with an initial window of
   10 segments (RFC 6928), fast retransmit on three duplicate ACKs with RFC 6582
@@ -105,6 +108,9 @@ _MAX_OOO_SEGMENTS = 4096
 
 _MAX_SACK_RECENT = 4
 """Out-of-order arrivals remembered for the SACK option (at most 4 blocks fit)."""
+
+_REO_WND_DEFAULT = 0.01
+"""RACK's reordering window before any RTT sample (then SRTT/4)."""
 
 _MAX_SACKED_RANGES = 256
 """Bound on the sender's scoreboard (disjoint SACKed ranges); beyond it the highest is
@@ -332,6 +338,7 @@ class TcpConnection:
         "_rtt_time",
         "_retries",
         "_rtx_deadline",
+        "_reo_deadline",
         "_persist_deadline",
         "_persist_backoff",
         "_probe_due",
@@ -452,6 +459,9 @@ class TcpConnection:
         self._rtt_time = 0.0
         self._retries = 0
         self._rtx_deadline: float | None = None
+        self._reo_deadline: float | None = None
+        """With SACK, outside recovery: when SND.UNA's segment counts as lost because the
+        app has SACKed data sent after it (RACK's reordering window, RFC 8985 §6.2)."""
         self._persist_deadline: float | None = None
         self._persist_backoff = 0
         self._probe_due = False
@@ -574,7 +584,8 @@ class TcpConnection:
         if self._state is _CLOSED:
             return None
         t = self._last_rx + self.params.idle_timeout
-        for d in (self._rtx_deadline, self._persist_deadline, self._tw_deadline):
+        for d in (self._rtx_deadline, self._persist_deadline, self._tw_deadline,
+                  self._reo_deadline):
             if d is not None and d < t:
                 t = d
         return t
@@ -922,6 +933,18 @@ class TcpConnection:
                 # yet not that segment: the resend was lost too (as RACK, RFC 8985,
                 # infers from send order). RFC 6675 alone would wait for the RTO.
                 self._rtx_lost = True
+            if self._sb_lo and not self._in_recovery and self.snd_una >= self._recover:
+                # Data sent after SND.UNA's segment has arrived, too little yet for
+                # IsLost (a small window, the last segments): unless that segment
+                # was only reordered, it is lost, which a reordering window's wait
+                # tells (RACK, RFC 8985 §6.2) long before the RTO would.
+                if self._reo_deadline is None:
+                    srtt = self._srtt
+                    wait = srtt / 4 if srtt is not None else _REO_WND_DEFAULT
+                    self._reo_deadline = now + (wait if wait > _CLOCK_GRANULARITY
+                                                else _CLOCK_GRANULARITY)
+            else:
+                self._reo_deadline = None
         if self.snd_nxt > self.snd_una and self.snd_wl2 + self.snd_wnd <= self.snd_una:
             # The window closed with data in flight (RFC 9293 §3.8.6.2.2, shrinking).
             self._window_closed_in_flight()
@@ -1745,6 +1768,12 @@ class TcpConnection:
             self._on_rto(now)
             if self._state is _CLOSED:
                 return
+        d = self._reo_deadline
+        if d is not None and now >= d:
+            self._reo_deadline = None
+            if (self._sb_lo and not self._in_recovery and self.snd_una >= self._recover
+                    and self._state in _SEND_STATES):
+                self._enter_recovery()
         d = self._persist_deadline
         if d is not None and now >= d:
             self._on_persist(now)
@@ -1878,6 +1907,7 @@ class TcpConnection:
         self._tw_deadline = now + self.params.time_wait
         self._rtx_deadline = None
         self._persist_deadline = None
+        self._reo_deadline = None
         self._sndbuf = SendBuffer()
         self._ooo_clear()
 
@@ -1887,6 +1917,7 @@ class TcpConnection:
         self._rtx_deadline = None
         self._persist_deadline = None
         self._tw_deadline = None
+        self._reo_deadline = None
         self._sndbuf = SendBuffer()
         self._ooo_clear()
         self._ooo_fin = -1

@@ -983,6 +983,28 @@ def test_sack_recovery_resends_a_lost_resend_without_waiting_for_the_timer(app: 
     assert (app.conn.retransmits, app.conn.sack_retransmits) == (2, 1)
 
 
+def test_a_hole_too_small_for_islost_is_resent_after_a_reordering_window(app: App) -> None:
+    # One block of one segment above SND.UNA, on an ACK that is no duplicate (its window
+    # changed, as a slow reader's does): neither DupThresh nor IsLost says "lost".
+    _ten_segments(app)
+    app.seg(win=60000, sack=[(1001, 2001)])
+    assert [pos(s) for s in app.out()] == [10001]  # (what the app holds left the pipe)
+    # RACK's wait (SRTT/4, at least the 1 ms clock), not the RTO: then it is lost.
+    waited = app.fire()
+    assert 0 < waited < app.conn.rto / 10
+    assert [pos(s) for s in app.out()] == [1]
+
+
+def test_a_reordered_segment_that_arrives_within_the_window_is_not_resent(app: App) -> None:
+    _ten_segments(app)
+    app.seg(win=60000, sack=[(1001, 2001)])
+    app.out()
+    app.seg(win=60001, ack=2001)  # it was only late
+    assert min(pos(s) for s in app.out()) >= 11001  # new data only
+    assert app.conn.retransmits == 0
+    assert app.fire() >= 0.2  # the next timer is the RTO's, not the reordering window's
+
+
 def test_sack_newreno_without_blocks_resends_one_hole_per_round_trip(app: App) -> None:
     # SACK is on but the app's duplicates carry no blocks: what NewReno would resend,
     # without inflating the window.
