@@ -131,8 +131,9 @@ def _forget_secrets(proxy: ProxySpec | None = None) -> None:
 @click.option("--connect-timeout", type=float, default=None,
               help="Seconds to wait for the proxy to connect and answer CONNECT [default: 10].")
 @click.option("--half-close-delay", type=float, default=None,
-              help="Seconds the reply must be quiet, after the proxy has acknowledged all the "
-                   "app sent, before an app's half-close reaches the proxy; many proxies drop "
+              help="Seconds the reply must be quiet (not merely held back by a slow app), "
+                   "after the proxy has acknowledged all the app sent, before an app's "
+                   "half-close reaches the proxy; many proxies drop "
                    "the tunnel on half-close [default: 2, 0: at once].")
 @click.option("--busy-poll", type=int, default=None, metavar="USEC",
               help="Microseconds to poll for the next packet before sleeping: lower "

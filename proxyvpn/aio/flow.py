@@ -146,11 +146,13 @@ class Flow:
         loop = self.engine._loop
         delay = self.engine.config.half_close_delay
         tunnel = self.tunnel
-        if tunnel is not None and tunnel.unacknowledged() > 0:
+        if tunnel is not None and (tunnel.unacknowledged() > 0 or self._reading_paused):
             # The app's last bytes have not even reached the proxy (a slow or lossy link
             # to it): the server cannot have answered yet, and a FIN now would let the
-            # proxy drop the tunnel before it does. Polled, backing off, since the kernel
-            # tells no one when its send queue empties.
+            # proxy drop the tunnel before it does. Or we have stopped reading the reply
+            # (the app takes it slowly): no reply arriving is then no quiet, and the FIN
+            # would cut off what the proxy still holds. Polled, backing off, since the
+            # kernel tells no one when its send queue empties.
             self._eof_draining = True
             self._eof_timer = loop.call_at(now + self._eof_poll, self._eof_timer_fired)
             cap = min(delay / 4, EOF_POLL_MAX)

@@ -365,6 +365,33 @@ def test_lost_download_segments_are_resent_from_the_apps_sack_blocks(lab):
     assert lab.stop_vpn() == 0
 
 
+_SLOW_READER_AFTER_HALF_CLOSE = """
+import socket, struct, sys, time
+s = socket.create_connection((sys.argv[1], 9000), timeout=30)
+s.sendall(struct.pack("!QQ", 0, int(sys.argv[2])))  # the checksum server's header
+s.shutdown(socket.SHUT_WR)  # nothing more to send: half-close, then read the reply...
+time.sleep(float(sys.argv[3]))  # ...but only later
+n = 0
+while chunk := s.recv(1 << 20):
+    n += len(chunk)
+print(n)
+"""
+
+
+def test_a_half_closed_app_that_reads_its_reply_late_gets_all_of_it(lab):
+    """The app half-closes, then leaves a reply larger than every buffer on the way
+    unread for longer than --half-close-delay (2 s): we stop reading the proxy meanwhile,
+    which must not count as the reply being over, or the FIN we pass on lets squid drop
+    the tunnel with the rest of the reply."""
+    lab.start_server()
+    lab.start_vpn()
+    size = 48 * MB
+    got = lab.client.run(PYTHON, "-c", _SLOW_READER_AFTER_HALF_CLOSE, SERVER4, str(size), "4",
+                         timeout=120).stdout
+    assert int(got) == size + 64  # and the server's two digests after it
+    assert lab.stop_vpn() == 0
+
+
 def test_ipv6_bidirectional(lab):
     lab.start_server()
     lab.start_vpn(proxy_url=f"http://[{ROUTER6_C}]:{PROXY_PORT}")

@@ -110,3 +110,18 @@ def test_no_fin_while_the_proxy_never_acknowledges() -> None:
     loop.run_until(100)
     assert tunnel.eof_at is None
     assert len(loop.timers) >= 1 and loop.timers[0][0] - loop.now <= EOF_POLL_MAX
+
+
+def test_no_fin_while_we_have_stopped_reading_the_reply() -> None:
+    """The app half-closed, then takes the reply slower than the proxy sends it: we stop
+    reading the proxy (back-pressure), so no reply arrives, which is no quiet. A FIN then
+    would make the proxy drop the tunnel with the rest of the reply (squid does)."""
+    loop, tunnel, flow = half_closed_flow(0.0)
+    flow._reading_paused = True
+    loop.run_until(10 * DELAY)
+    assert tunnel.eof_at is None
+    flow._reading_paused = False  # _push_pending() resumes reading; then the reply ends
+    resumed = loop.now
+    loop.run_until(resumed + 60)
+    assert tunnel.eof_at is not None
+    assert DELAY <= tunnel.eof_at - resumed <= DELAY + EOF_POLL_MAX + 1e-9
