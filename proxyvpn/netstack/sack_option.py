@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import struct
 
-from proxyvpn.netstack.wire import VNET_HDR_LEN
+from proxyvpn.netstack.wire import _IPV6_EXT_SKIP, VNET_HDR_LEN
 
 __all__ = ["sack_edges"]
 
 _SACK = 5  # RFC 2018 §3
 _TS_SPACE = 12  # NOP NOP Timestamps: what an ACK's options hold without SACK
 _EDGES = tuple(struct.Struct(f"!{n}I") for n in range(9))  # by the number of edges
-_IPV6_EXT = (0, 43, 60)  # hop-by-hop, routing, destination options (parse() walks them)
 
 
 def sack_edges(
@@ -38,7 +37,7 @@ def sack_edges(
     else:
         tcp = ip + 40
         nxt = packet[ip + 6]
-        while nxt in _IPV6_EXT:
+        while nxt in _IPV6_EXT_SKIP:  # the extension headers parse() walks
             nxt = packet[tcp]
             tcp += (packet[tcp + 1] + 1) * 8
     end = payload_start

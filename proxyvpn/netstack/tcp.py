@@ -268,6 +268,15 @@ def _range_add(los: list[int], his: list[int], lo: int, hi: int) -> None:
     his[i:j] = [hi]
 
 
+def _drop_through(keys: list[int], values: list[int], a: int) -> None:
+    """Drop the entries of the ascending ``keys`` (and of ``values`` beside them) that
+    are at or below ``a``."""
+    j = bisect_right(keys, a)
+    if j:
+        del keys[:j]
+        del values[:j]
+
+
 def reset_for(seq: int, ack: int, flags: int, payload_len: int) -> tuple[int, int, int] | None:
     """Answer a segment that matches no connection (RFC 9293 §3.10.7.1).
 
@@ -980,12 +989,11 @@ class TcpConnection:
         if self.snd_nxt < a:
             self.snd_nxt = a
         if self._sb_lo:
-            self._sack_trim(a)
+            # A range the cumulative ACK cuts into goes whole: the app no longer holds
+            # what it said.
+            _drop_through(self._sb_lo, self._sb_hi, a)
         if self._rtx_ends:
-            j = bisect_right(self._rtx_ends, a)
-            if j:
-                del self._rtx_ends[:j]
-                del self._rtx_marks[:j]
+            _drop_through(self._rtx_ends, self._rtx_marks, a)
         self._retries = 0
         if 0 <= self._rtt_seq <= a:
             self._rtt_sample(now - self._rtt_time)
@@ -1089,14 +1097,6 @@ class TcpConnection:
         if len(lo) > _MAX_SACKED_RANGES:
             del lo[_MAX_SACKED_RANGES:]
             del hi[_MAX_SACKED_RANGES:]
-
-    def _sack_trim(self, a: int) -> None:
-        """Forget the scoreboard's ranges that SND.UNA = ``a`` has reached (a range the
-        cumulative ACK cuts into goes whole: the app no longer holds what it said)."""
-        j = bisect_right(self._sb_lo, a)
-        if j:
-            del self._sb_lo[:j]
-            del self._sb_hi[:j]
 
     def _sack_lost_edge(self) -> int:
         """IsLost (RFC 6675 §4) as a boundary: every hole below it is lost, since above
