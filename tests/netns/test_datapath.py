@@ -392,6 +392,42 @@ def test_a_half_closed_app_that_reads_its_reply_late_gets_all_of_it(lab):
     assert lab.stop_vpn() == 0
 
 
+_ECHO_ROUNDS = """
+import hashlib, json, random, socket, sys, threading, time
+s = socket.create_connection((sys.argv[1], 9002), timeout=20)
+rng = random.Random(5)
+worst = 0.0
+for size in map(int, sys.argv[2:]):
+    message = rng.randbytes(size)
+    started = time.monotonic()
+    sender = threading.Thread(target=s.sendall, args=(message,))
+    sender.start()
+    got = bytearray()
+    while len(got) < size:  # the whole reply before the next message: nothing to flush it
+        chunk = s.recv(1 << 20)
+        assert chunk, f"EOF after {len(got)} of {size}"
+        got += chunk
+    sender.join()
+    assert hashlib.sha256(got).digest() == hashlib.sha256(message).digest(), size
+    worst = max(worst, time.monotonic() - started)
+print(json.dumps({"worst": worst}))
+"""
+
+
+def test_replies_in_rounds_each_arrive_whole(lab):
+    """An app that waits for each whole reply before it sends again: every reply ends in
+    a tail below the read mark that a streaming proxy socket gets (SO_RCVLOWAT,
+    relay/transport.py), and nothing else comes to push it out. A hold that never ran
+    out would stall the first round until the 20 s socket timeout."""
+    lab.start_server("--mode", "echo", port=9002)
+    lab.start_vpn()
+    sizes = [4 * MB + 1, 300_001, 2 * MB - 7, 70_000, 1_000_003, 65_536 * 3 + 5] * 3
+    out = lab.client.run(PYTHON, "-c", _ECHO_ROUNDS, SERVER4, *map(str, sizes), timeout=120)
+    print(out.stdout)
+    assert json.loads(out.stdout)["worst"] < 15
+    assert lab.stop_vpn() == 0
+
+
 def test_ipv6_bidirectional(lab):
     lab.start_server()
     lab.start_vpn(proxy_url=f"http://[{ROUTER6_C}]:{PROXY_PORT}")

@@ -337,3 +337,101 @@ def test_close_waits_for_a_slow_peer_that_keeps_reading(monkeypatch: pytest.Monk
             assert loop.time() - started > 0.5, "it never needed a second stall period"
 
     run(body())
+
+
+def _read_mark(transport: SocketTransport) -> int:
+    return transport.get_extra_info("socket").getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT)
+
+
+async def _until(predicate, timeout: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        assert asyncio.get_running_loop().time() < deadline, "timed out"
+        await asyncio.sleep(0.002)
+
+
+async def _stream_until_marked(transport: SocketTransport, protocol: Recorder,
+                               peer: socket.socket) -> int:
+    """Send bulk until the transport has made a streaming-sized read; bytes sent."""
+    loop = asyncio.get_running_loop()
+    sent = 0
+    while _read_mark(transport) != transport_module.STREAM_LOWAT:
+        await loop.sock_sendall(peer, b"s" * (4 << 20))
+        sent += 4 << 20
+        await asyncio.sleep(0.001)
+    return sent
+
+
+def test_replies_smaller_than_a_stream_never_raise_the_read_mark() -> None:
+    """Requests and replies (even ones larger than STREAM_READ, read in one go) never
+    wait for the hold."""
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        async with pair() as (transport, protocol, peer):
+            total = 0
+            for size in [1000] * 10 + [transport_module.STREAM_AFTER - 4096] * 3:
+                await loop.sock_sendall(peer, b"r" * size)
+                total += size
+                await _until(lambda want=total: len(protocol.data) == want)
+                assert _read_mark(transport) == 1
+                await asyncio.sleep(transport_module.STREAM_HOLD * 5)  # a pause ends a burst
+
+    run(body())
+
+
+def test_a_streaming_peer_raises_the_read_mark_until_it_pauses(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Our side of SO_RCVLOWAT; that the kernel then holds a tail below the mark and the
+    hold releases it is tests/netns/test_stream_mark.py (loopback's 64 KiB MSS makes the
+    kernel wake the reader for any tail here)."""
+    monkeypatch.setattr(transport_module, "STREAM_HOLD", 0.05)
+
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        async with pair() as (transport, protocol, peer):
+            sent = await _stream_until_marked(transport, protocol, peer)
+            await _until(lambda: len(protocol.data) == sent)
+            await _until(lambda: _read_mark(transport) == 1, timeout=1)
+            await loop.sock_sendall(peer, b"tail")
+            await _until(lambda: len(protocol.data) == sent + 4)
+            assert protocol.data.endswith(b"tail")
+            assert _read_mark(transport) == 1  # a small read does not raise it again
+
+    run(body())
+
+
+def test_reads_while_streaming_keep_the_mark_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(transport_module, "STREAM_HOLD", 0.05)
+
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        async with pair() as (transport, protocol, peer):
+            sent = await _stream_until_marked(transport, protocol, peer)
+            for _ in range(10):  # a read every 20 ms: the 50 ms hold never runs out
+                await loop.sock_sendall(peer, b"m" * transport_module.STREAM_LOWAT)
+                sent += transport_module.STREAM_LOWAT
+                await asyncio.sleep(0.02)
+                assert _read_mark(transport) == transport_module.STREAM_LOWAT
+            await _until(lambda: len(protocol.data) == sent)
+            await _until(lambda: _read_mark(transport) == 1, timeout=1)
+
+    run(body())
+
+
+def test_closing_with_the_mark_up_leaves_no_check_behind(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(transport_module, "STREAM_HOLD", 0.05)
+
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        errors: list[dict] = []
+        loop.set_exception_handler(lambda _loop, context: errors.append(context))
+        async with pair() as (transport, protocol, peer):
+            await _stream_until_marked(transport, protocol, peer)
+            sock = transport.get_extra_info("socket")
+            transport.abort()
+            assert await protocol.lost is None
+            await asyncio.sleep(0.15)  # past the hold: a live check would use a closed socket
+            assert sock.fileno() == -1
+        assert errors == []
+
+    run(body())
