@@ -72,6 +72,9 @@ class Sink:
     def unacknowledged(self) -> int:
         return 0
 
+    def read_in_units(self, unit: int) -> None:
+        pass  # its reads are READS, cut to fixed sizes
+
     def pause_reading(self) -> None:
         pass
 

@@ -196,6 +196,8 @@ class Flow:
 
     def attach(self, tunnel: Tunnel) -> None:
         self.tunnel = tunnel
+        # Reads of whole segments: each becomes full-sized segments with no runt after them.
+        tunnel.read_in_units(self.conn.send_mss)
         tunnel.attach(self)
 
     def tunnel_data(self, data: bytes) -> None:

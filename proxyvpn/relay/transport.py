@@ -26,11 +26,11 @@ log = logging.getLogger("proxyvpn.relay")
 READ_SIZE = 256 * 1024
 """Bytes per recv(): asyncio's own choice; a bulk download arrives 100-160 KB a read."""
 
-STREAM_LOWAT = READ_SIZE
-"""SO_RCVLOWAT while the proxy streams to us. Without it epoll wakes us for every ~100 KB
-the proxy writes, and each wake-up is a trip through the event loop, our TCP stack and
-a TUN write that wakes the app; with it each one moves a whole READ_SIZE (measured: the
-1-flow download +15 %, 8 flows +35 %, CPU per GB -20 %; README, Performance)."""
+# While the proxy streams to us, SO_RCVLOWAT is raised to the read size. Without it epoll
+# wakes us for every ~100 KB the proxy writes, and each wake-up is a trip through the
+# event loop, our TCP stack and a TUN write that wakes the app; with it each one moves a
+# whole read (README, Performance: the 1-flow download +9 %, 8 flows +16 %, CPU per GB
+# -10 %).
 
 STREAM_AFTER = 1024 * 1024
 """Bytes a burst must have brought before the mark goes up, so that a reply smaller than
@@ -58,7 +58,7 @@ class SocketTransport(asyncio.Transport):
 
     __slots__ = ("_loop", "_sock", "_fd", "_protocol", "_buffer", "_high", "_low",
                  "_reading", "_writing", "_closing", "_eof", "_shut", "_at_eof", "_write_paused",
-                 "_lost", "_linger", "_drained", "_burst", "_last_read", "_lowat_timer",
+                 "_lost", "_linger", "_drained", "_read_size", "_burst", "_last_read", "_lowat_timer",
                  "_lowat_since")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket,
@@ -82,9 +82,10 @@ class SocketTransport(asyncio.Transport):
         self._lost = False
         self._linger: asyncio.TimerHandle | None = None  # bounds close() (CLOSE_STALL)
         self._drained = False  # the peer took bytes since the linger timer was armed
+        self._read_size = READ_SIZE
         self._burst = 0  # bytes read since the last pause of STREAM_HOLD
         self._last_read = 0.0  # loop time of the last read
-        self._lowat_timer: asyncio.TimerHandle | None = None  # armed while STREAM_LOWAT is set
+        self._lowat_timer: asyncio.TimerHandle | None = None  # armed while the read mark is up
         self._lowat_since = 0.0  # when that timer was (re)armed
         protocol.connection_made(self)
         if not self._closing:
@@ -94,7 +95,7 @@ class SocketTransport(asyncio.Transport):
 
     def _on_readable(self) -> None:
         try:
-            data = self._sock.recv(READ_SIZE)
+            data = self._sock.recv(self._read_size)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
@@ -121,7 +122,7 @@ class SocketTransport(asyncio.Transport):
             self.close()
 
     def _raise_lowat(self, now: float) -> None:
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, STREAM_LOWAT)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, self._read_size)
         self._lowat_since = now
         self._lowat_timer = self._loop.call_at(now + STREAM_HOLD, self._lowat_check)
 
@@ -137,6 +138,18 @@ class SocketTransport(asyncio.Transport):
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
         if self._reading:
             self._on_readable()
+
+    def read_in_units(self, unit: int) -> None:
+        """Make every full read a whole number of ``unit`` bytes (the app's segment size):
+        a read of READ_SIZE would end in a runt segment of READ_SIZE % unit bytes, one
+        more TUN write (and app wake-up) per read."""
+        if 0 < unit <= READ_SIZE:
+            self._read_size = READ_SIZE - READ_SIZE % unit
+
+    @property
+    def read_size(self) -> int:
+        """Bytes asked of each recv(); also the read mark while the proxy streams."""
+        return self._read_size
 
     def pause_reading(self) -> None:
         if self._reading:

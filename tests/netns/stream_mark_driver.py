@@ -52,7 +52,7 @@ async def scenario(hold: float, pause: bool) -> dict:
     transport = SocketTransport(loop, ours, sink)
     sent = 0
     try:
-        while mark(transport) != transport_module.STREAM_LOWAT and sent < 256 << 20:
+        while mark(transport) != transport.read_size and sent < 256 << 20:
             await loop.sock_sendall(peer, b"s" * (4 << 20))
             sent += 4 << 20
             await asyncio.sleep(0.001)

@@ -521,6 +521,24 @@ def test_offload_moves_64k_segments_both_ways(lab):
     assert lab.stop_vpn() == 0
 
 
+def test_a_streaming_download_through_squid_is_written_in_whole_segments(lab):
+    """Squid writes ~100 KB at a time. While it streams, each wake-up reads a whole read
+    (SO_RCVLOWAT) and a read is a whole number of the app's segments
+    (SocketTransport.read_in_units), so nearly every packet we write is a full 64 KiB
+    segment: no runt after each read, no half-full ones between squid's writes."""
+    lab.start_squid()
+    lab.start_server()
+    lab.start_vpn()
+    before = _tun_counters(lab)
+    client_json(lab, "--host", SERVER4, "--up", "0", "--down", str(64 * MB))
+    after = _tun_counters(lab)
+    packets = after["rx_packets"] - before["rx_packets"]
+    average = (after["rx_bytes"] - before["rx_bytes"]) / packets
+    print(f"{packets} packets, {average:.0f} bytes each")
+    assert average > 58_000, average  # a full one: 65,483 bytes of payload (~51,000 without)
+    assert lab.stop_vpn() == 0
+
+
 def test_no_offload_uses_mss_sized_packets(lab):
     lab.start_server()
     lab.start_vpn("--no-offload")

@@ -355,7 +355,7 @@ async def _stream_until_marked(transport: SocketTransport, protocol: Recorder,
     """Send bulk until the transport has made a streaming-sized read; bytes sent."""
     loop = asyncio.get_running_loop()
     sent = 0
-    while _read_mark(transport) != transport_module.STREAM_LOWAT:
+    while _read_mark(transport) != transport.read_size:
         await loop.sock_sendall(peer, b"s" * (4 << 20))
         sent += 4 << 20
         await asyncio.sleep(0.001)
@@ -408,10 +408,10 @@ def test_reads_while_streaming_keep_the_mark_up(monkeypatch: pytest.MonkeyPatch)
         async with pair() as (transport, protocol, peer):
             sent = await _stream_until_marked(transport, protocol, peer)
             for _ in range(10):  # a read every 20 ms: the 50 ms hold never runs out
-                await loop.sock_sendall(peer, b"m" * transport_module.STREAM_LOWAT)
-                sent += transport_module.STREAM_LOWAT
+                await loop.sock_sendall(peer, b"m" * transport.read_size)
+                sent += transport.read_size
                 await asyncio.sleep(0.02)
-                assert _read_mark(transport) == transport_module.STREAM_LOWAT
+                assert _read_mark(transport) == transport.read_size
             await _until(lambda: len(protocol.data) == sent)
             await _until(lambda: _read_mark(transport) == 1, timeout=1)
 
@@ -433,5 +433,34 @@ def test_closing_with_the_mark_up_leaves_no_check_behind(monkeypatch: pytest.Mon
             await asyncio.sleep(0.15)  # past the hold: a live check would use a closed socket
             assert sock.fileno() == -1
         assert errors == []
+
+    run(body())
+
+
+class ChunkSizes(Recorder):
+    def __init__(self) -> None:
+        super().__init__()
+        self.sizes: list[int] = []
+
+    def data_received(self, data: bytes) -> None:
+        self.sizes.append(len(data))
+        super().data_received(data)
+
+
+def test_reads_are_cut_to_whole_units_and_the_mark_follows() -> None:
+    """read_in_units(the app's segment size): a full read is whole segments, no runt."""
+    unit = 65_483
+    async def body() -> None:
+        async with pair(ChunkSizes) as (transport, protocol, peer):
+            assert transport.read_size == transport_module.READ_SIZE
+            for bad in (0, -1, transport_module.READ_SIZE + 1):
+                transport.read_in_units(bad)
+                assert transport.read_size == transport_module.READ_SIZE
+            transport.read_in_units(unit)
+            assert transport.read_size == 4 * unit
+            sent = await _stream_until_marked(transport, protocol, peer)
+            assert _read_mark(transport) == 4 * unit
+            await _until(lambda: len(protocol.data) == sent)
+            assert max(protocol.sizes) == 4 * unit
 
     run(body())
