@@ -112,7 +112,7 @@ class Engine:
         parsed: list[tuple | int | None] = []
         for packet in packets:
             try:
-                parsed.append(parse(packet, vnet=vnet))
+                parsed.append(parse(packet, True, vnet))  # verify_checksum, vnet
             except Exception:
                 parsed.append(None)
                 self._packet_failed()
@@ -348,10 +348,11 @@ class Engine:
                 family, (src, sport, dst, dport) = flow.family, flow.key
                 gso_size = flow.gso_size
                 # split: headers apart from the payload, which write_batch gathers
-                # with writev -- the payload is copied once, by the kernel.
+                # with writev -- the payload is copied once, by the kernel. Positional
+                # (a Segment is build's arguments from seq to sack, then gso_size and
+                # split): the C function matches keywords by name, ~30 string compares.
                 for seg in flow.conn.segments_to_send(now):
-                    out.append(build(family, dst, src, dport, sport, *seg, gso_size=gso_size,
-                                     split=True))
+                    out.append(build(family, dst, src, dport, sport, *seg, gso_size, True))
                 # Lazy timers: a flow keeps at most one live heap entry, the earliest
                 # deadline it has asked for. A deadline that moved later (the RTO and idle
                 # timers move on every ACK) is left to the entry already queued, which

@@ -236,8 +236,8 @@ def test_a_packet_that_parse_fails_on_costs_that_packet_only(monkeypatch):
             def __getattr__(self, name: str):
                 return getattr(real, name)
 
-            def parse(self, packet: bytes, vnet: bool = False):
-                result = real.parse(packet, vnet=vnet)
+            def parse(self, packet: bytes, verify_checksum: bool = True, vnet: bool = False):
+                result = real.parse(packet, verify_checksum, vnet)
                 if result[3] == 1111:
                     raise RuntimeError("a bug in parse")
                 return result
