@@ -40,12 +40,9 @@ STREAM_READ = 64 * 1024
 """... and the read that raises it must be at least this long: the proxy is outpacing us."""
 
 STREAM_HOLD = 0.001
-"""Seconds without a read that end a burst. With the mark up, what sits below it is then
-read anyway: the most the mark delays any byte (asyncio rounds its timeouts up to the
-millisecond). If that read brought STREAM_READ bytes or more, the stream goes on, only
-slower than a mark per hold (one of several flows sharing the proxy): the mark comes
-down to 3/4 of a hold's worth, and doubles again while it fills within half a hold. Less,
-and the stream has paused: the mark is dropped."""
+"""Seconds without a read that end a burst. With the mark up, the bytes below it (the
+tail of a download) are then read anyway and the mark is dropped: the most the mark
+delays any byte (asyncio rounds its timeouts up to the millisecond)."""
 
 _IOV_BATCH = 512
 """Buffers per sendmsg(), below Linux's IOV_MAX (1024)."""
@@ -61,8 +58,8 @@ class SocketTransport(asyncio.Transport):
 
     __slots__ = ("_loop", "_sock", "_fd", "_protocol", "_buffer", "_high", "_low",
                  "_reading", "_writing", "_closing", "_eof", "_shut", "_at_eof", "_write_paused",
-                 "_lost", "_linger", "_drained", "_read_size", "_burst", "_last_read", "_mark",
-                 "_lowat_timer", "_lowat_since")
+                 "_lost", "_linger", "_drained", "_read_size", "_burst", "_last_read", "_lowat_timer",
+                 "_lowat_since")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket,
                  protocol: asyncio.Protocol) -> None:
@@ -88,8 +85,7 @@ class SocketTransport(asyncio.Transport):
         self._read_size = READ_SIZE
         self._burst = 0  # bytes read since the last pause of STREAM_HOLD
         self._last_read = 0.0  # loop time of the last read
-        self._mark = 0  # SO_RCVLOWAT while the proxy streams; 0: not raised (the kernel's 1)
-        self._lowat_timer: asyncio.TimerHandle | None = None  # armed while the mark is up
+        self._lowat_timer: asyncio.TimerHandle | None = None  # armed while the read mark is up
         self._lowat_since = 0.0  # when that timer was (re)armed
         protocol.connection_made(self)
         if not self._closing:
@@ -109,15 +105,11 @@ class SocketTransport(asyncio.Transport):
             if data:
                 now = self._loop.time()
                 n = len(data)
-                gap = now - self._last_read
-                self._burst = self._burst + n if gap < STREAM_HOLD else n
+                self._burst = self._burst + n if now - self._last_read < STREAM_HOLD else n
                 self._last_read = now
-                if self._mark:
-                    if gap < STREAM_HOLD / 2 and self._mark < self._read_size:
-                        self._set_mark(min(2 * self._mark, self._read_size))
-                elif n >= STREAM_READ and self._burst >= STREAM_AFTER:
-                    self._set_mark(self._read_size)
-                    self._watch_mark(now)
+                if (n >= STREAM_READ and self._burst >= STREAM_AFTER
+                        and self._lowat_timer is None):
+                    self._raise_lowat(now)
                 self._protocol.data_received(data)
                 return
             self.pause_reading()
@@ -129,35 +121,23 @@ class SocketTransport(asyncio.Transport):
         if not keep_open:
             self.close()
 
-    def _set_mark(self, mark: int) -> None:
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, mark or 1)
-        self._mark = mark
-
-    def _watch_mark(self, since: float) -> None:
-        self._lowat_since = since
-        self._lowat_timer = self._loop.call_at(self._last_read + STREAM_HOLD, self._lowat_check)
+    def _raise_lowat(self, now: float) -> None:
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, self._read_size)
+        self._lowat_since = now
+        self._lowat_timer = self._loop.call_at(now + STREAM_HOLD, self._lowat_check)
 
     def _lowat_check(self) -> None:
-        """A hold after the last read: look again a hold after the next one, if one came;
-        else read what sits below the mark, and lower or drop the mark (STREAM_HOLD)."""
+        """While reads keep coming, look again a hold after the last one; once none came
+        for a hold, drop the mark and read whatever sits below it."""
         if self._last_read > self._lowat_since:
-            self._watch_mark(self._loop.time())
+            self._lowat_since = self._loop.time()
+            self._lowat_timer = self._loop.call_at(self._last_read + STREAM_HOLD,
+                                                   self._lowat_check)
             return
         self._lowat_timer = None
-        since = self._lowat_since
-        got = 0
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
         if self._reading:
-            self._burst = 0  # so that it counts this read's bytes only
-            self._on_readable()  # a non-blocking recv() returns what there is, below the mark
-            if self._last_read > since:
-                got = self._burst
-        if self._closing:
-            return
-        if got >= STREAM_READ:
-            self._set_mark(max(STREAM_READ, min(got * 3 // 4, self._read_size)))
-            self._watch_mark(self._last_read)
-        else:
-            self._set_mark(0)
+            self._on_readable()
 
     def read_in_units(self, unit: int) -> None:
         """Make every full read a whole number of ``unit`` bytes (the app's segment size):

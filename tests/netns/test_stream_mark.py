@@ -16,11 +16,10 @@ def test_a_tail_below_the_read_mark_is_held_only_for_the_hold(ns):
     result = ns.run("env", f"PYTHONPATH={REPO}:{REPO}/tests/netns", PYTHON, "-m",
                     "stream_mark_driver", timeout=60)
     got = json.loads(result.stdout.strip().splitlines()[-1])
-    slower = got.pop("slower_stream")
     for name, case in got.items():
         assert "error" not in case, (name, case)
         assert case["marked"] == READ_SIZE and case["arrived"] and case["intact"], (name, case)
-        assert case["dropped"], (name, case)  # once the stream has paused
+        assert case["mark_after"] == 1, (name, case)  # dropped once the stream paused
     # The kernel really holds a sub-mark tail (so the mark saves wake-ups), and the hold
     # releases it: without that, it would wait for bytes that never come.
     slow = got["held_then_read"]
@@ -30,7 +29,3 @@ def test_a_tail_below_the_read_mark_is_held_only_for_the_hold(ns):
     # within a hold of the last read (the rest of the stream may raise the mark again).
     paused = got["paused_past_the_hold"]
     assert paused["after_resume"] < 1.0, paused
-    # One of several flows sharing the proxy streams slower than a mark per hold: the
-    # mark comes down to what a hold brings instead of off, and every byte arrives.
-    assert slower["arrived"] and slower["dropped"], slower
-    assert slower["lowered"] and slower["up"] >= 0.5, slower
