@@ -13,7 +13,7 @@ from proxyvpn.relay.transport import READ_SIZE, STREAM_HOLD
 
 def test_a_tail_below_the_read_mark_is_held_only_for_the_hold(ns):
     ns.run("ip", "link", "set", "lo", "mtu", "1500")
-    result = ns.run("env", f"PYTHONPATH={REPO}:{REPO}/tests/netns", PYTHON, "-m",
+    result = ns.run("env", f"PYTHONPATH={REPO}:{REPO}/tests/netns:{REPO}/tests/unit", PYTHON, "-m",
                     "stream_mark_driver", timeout=60)
     got = json.loads(result.stdout.strip().splitlines()[-1])
     for name, case in got.items():

@@ -7,61 +7,12 @@ import asyncio
 import hashlib
 import random
 import socket
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 
 import pytest
+from transport_pair import Recorder, pair, read_mark, stream_until_marked, until
 
 from proxyvpn.relay import transport as transport_module
 from proxyvpn.relay.transport import SocketTransport
-
-
-class Recorder(asyncio.Protocol):
-    def __init__(self, keep_open_on_eof: bool = True) -> None:
-        self.keep_open_on_eof = keep_open_on_eof
-        self.data = bytearray()
-        self.calls: list[str] = []
-        self.lost: asyncio.Future[Exception | None] = asyncio.get_running_loop().create_future()
-        self.got_data = asyncio.Event()
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.calls.append("made")
-
-    def data_received(self, data: bytes) -> None:
-        self.data += data
-        self.got_data.set()
-
-    def eof_received(self) -> bool:
-        self.calls.append("eof")
-        return self.keep_open_on_eof
-
-    def pause_writing(self) -> None:
-        self.calls.append("pause_writing")
-
-    def resume_writing(self) -> None:
-        self.calls.append("resume_writing")
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.calls.append("lost")
-        self.lost.set_result(exc)
-
-
-@asynccontextmanager
-async def pair(protocol_factory=Recorder) -> AsyncIterator[tuple[SocketTransport, Recorder, socket.socket]]:
-    """Our transport on one end of a loopback TCP connection, a blocking-free peer socket on the other."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    ours = socket.create_connection(listener.getsockname())
-    peer, _ = listener.accept()
-    listener.close()
-    ours.setblocking(False)
-    peer.setblocking(False)
-    protocol = protocol_factory()
-    transport = SocketTransport(asyncio.get_running_loop(), ours, protocol)
-    try:
-        yield transport, protocol, peer
-    finally:
-        transport.abort()
-        peer.close()
 
 
 async def read_all(loop: asyncio.AbstractEventLoop, peer: socket.socket) -> bytes:
@@ -339,30 +290,7 @@ def test_close_waits_for_a_slow_peer_that_keeps_reading(monkeypatch: pytest.Monk
     run(body())
 
 
-def _read_mark(transport: SocketTransport) -> int:
-    return transport.get_extra_info("socket").getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT)
-
-
-async def _until(predicate, timeout: float = 5.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not predicate():
-        assert asyncio.get_running_loop().time() < deadline, "timed out"
-        await asyncio.sleep(0.002)
-
-
-async def _stream_until_marked(transport: SocketTransport, protocol: Recorder,
-                               peer: socket.socket) -> int:
-    """Send bulk until the transport has made a streaming-sized read; bytes sent."""
-    loop = asyncio.get_running_loop()
-    sent = 0
-    while _read_mark(transport) != transport.read_size:
-        await loop.sock_sendall(peer, b"s" * (4 << 20))
-        sent += 4 << 20
-        await asyncio.sleep(0.001)
-    return sent
-
-
-def test_replies_smaller_than_a_stream_never_raise_the_read_mark() -> None:
+def test_replies_smaller_than_a_stream_never_raise_theread_mark() -> None:
     """Requests and replies (even ones larger than STREAM_READ, read in one go) never
     wait for the hold."""
     async def body() -> None:
@@ -372,8 +300,8 @@ def test_replies_smaller_than_a_stream_never_raise_the_read_mark() -> None:
             for size in [1000] * 10 + [transport_module.STREAM_AFTER - 4096] * 3:
                 await loop.sock_sendall(peer, b"r" * size)
                 total += size
-                await _until(lambda want=total: len(protocol.data) == want)
-                assert _read_mark(transport) == 1
+                await until(lambda want=total: len(protocol.data) == want)
+                assert read_mark(transport) == 1
                 await asyncio.sleep(transport_module.STREAM_HOLD * 5)  # a pause ends a burst
 
     run(body())
@@ -389,13 +317,13 @@ def test_a_streaming_peer_raises_the_read_mark_until_it_pauses(
     async def body() -> None:
         loop = asyncio.get_running_loop()
         async with pair() as (transport, protocol, peer):
-            sent = await _stream_until_marked(transport, protocol, peer)
-            await _until(lambda: len(protocol.data) == sent)
-            await _until(lambda: _read_mark(transport) == 1, timeout=1)
+            sent = await stream_until_marked(transport, peer)
+            await until(lambda: len(protocol.data) == sent)
+            await until(lambda: read_mark(transport) == 1, timeout=1)
             await loop.sock_sendall(peer, b"tail")
-            await _until(lambda: len(protocol.data) == sent + 4)
+            await until(lambda: len(protocol.data) == sent + 4)
             assert protocol.data.endswith(b"tail")
-            assert _read_mark(transport) == 1  # a small read does not raise it again
+            assert read_mark(transport) == 1  # a small read does not raise it again
 
     run(body())
 
@@ -406,14 +334,14 @@ def test_reads_while_streaming_keep_the_mark_up(monkeypatch: pytest.MonkeyPatch)
     async def body() -> None:
         loop = asyncio.get_running_loop()
         async with pair() as (transport, protocol, peer):
-            sent = await _stream_until_marked(transport, protocol, peer)
+            sent = await stream_until_marked(transport, peer)
             for _ in range(10):  # a read every 20 ms: the 50 ms hold never runs out
                 await loop.sock_sendall(peer, b"m" * transport.read_size)
                 sent += transport.read_size
                 await asyncio.sleep(0.02)
-                assert _read_mark(transport) == transport.read_size
-            await _until(lambda: len(protocol.data) == sent)
-            await _until(lambda: _read_mark(transport) == 1, timeout=1)
+                assert read_mark(transport) == transport.read_size
+            await until(lambda: len(protocol.data) == sent)
+            await until(lambda: read_mark(transport) == 1, timeout=1)
 
     run(body())
 
@@ -426,7 +354,7 @@ def test_closing_with_the_mark_up_leaves_no_check_behind(monkeypatch: pytest.Mon
         errors: list[dict] = []
         loop.set_exception_handler(lambda _loop, context: errors.append(context))
         async with pair() as (transport, protocol, peer):
-            await _stream_until_marked(transport, protocol, peer)
+            await stream_until_marked(transport, peer)
             sock = transport.get_extra_info("socket")
             transport.abort()
             assert await protocol.lost is None
@@ -458,9 +386,9 @@ def test_reads_are_cut_to_whole_units_and_the_mark_follows() -> None:
                 assert transport.read_size == transport_module.READ_SIZE
             transport.read_in_units(unit)
             assert transport.read_size == 4 * unit
-            sent = await _stream_until_marked(transport, protocol, peer)
-            assert _read_mark(transport) == 4 * unit
-            await _until(lambda: len(protocol.data) == sent)
+            sent = await stream_until_marked(transport, peer)
+            assert read_mark(transport) == 4 * unit
+            await until(lambda: len(protocol.data) == sent)
             assert max(protocol.sizes) == 4 * unit
 
     run(body())
