@@ -54,6 +54,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "figures are measured in the first round only [default: 1]")
     p.add_argument("--vpn-arg", action="append", default=[], metavar="ARG",
                    help="extra argument for `proxyvpn up` (repeatable)")
+    p.add_argument("--logs", type=Path, metavar="DIR",
+                   help="at the end, copy every log of the run (proxy, proxyvpn, redsocks) "
+                        "to DIR; a failed run saves them anyway")
     p.add_argument("--tun-route", action="store_true",
                    help="experiment: also route the server via the TUN in the main table, so "
                         "apps' sockets get the TUN's MSS at connect time (see bench/README.md)")
@@ -195,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
             log(f"failed: logs saved in {saved}")
         raise
     finally:
+        if lab is not None and args.logs:
+            log(f"logs saved in {lab.save_logs(args.logs)}")
         if lab is not None:
             try:
                 remove_lab(lab)

@@ -54,6 +54,14 @@ NS_SYSCTLS = (
 __all__ = ["PROXY_PORT", "ROUTER4_C", "SERVER4", "BenchLab", "make_lab", "remove_lab"]
 
 
+# TcpExt counters of segments the apps' kernel dropped (or ACKs it ignored): PAWS,
+# receive-queue and out-of-order queue limits, data beyond a closed window.
+_DROP_COUNTERS = (("PAWSEstab", "paws_estab"), ("TCPACKSkippedPAWS", "acks_skipped_paws"),
+                  ("TCPRcvQDrop", "rcvq_drop"), ("TCPOFODrop", "ofo_drop"),
+                  ("TCPZeroWindowDrop", "zero_window_drop"), ("RcvPruned", "rcv_pruned"),
+                  ("TCPBacklogDrop", "backlog_drop"))
+
+
 @dataclasses.dataclass
 class BenchLab(Lab):
     """tests/netns/topology.Lab with proxy configs sized for 10,000 flows and quiet logs."""
@@ -137,12 +145,16 @@ class BenchLab(Lab):
             table = dict(zip(names.split(), values.split(), strict=False))
             if prefix == "Tcp":
                 counters["retrans_segs"] = int(table.get("RetransSegs", 0))
+                counters["in_csum_errors"] = int(table.get("InCsumErrors", 0))
             elif prefix == "TcpExt":
                 counters["rto_timeouts"] = int(table.get("TCPTimeouts", 0))
                 # Which kind of retransmission: a tail-loss probe fires when ACKs pause
                 # for ~2 RTTs (no loss needed); a fast retransmit follows duplicate ACKs.
                 counters["loss_probes"] = int(table.get("TCPLossProbes", 0))
                 counters["fast_retrans"] = int(table.get("TCPFastRetrans", 0))
+                # Why the apps' kernel threw a segment from the TUN away, if it did.
+                for name, key in _DROP_COUNTERS:
+                    counters[key] = int(table.get(name, 0))
         if tun.strip():
             counters["tun_tx_dropped"] = int(tun.split()[0])
         return counters
@@ -210,7 +222,8 @@ def make_lab(max_fds: int = MAX_FDS) -> BenchLab:
 # --------------------------------------------------------------------------- modes
 
 
-ENGINE_COUNTERS = ("packets_in", "packets_out", "tun_reads", "tun_writes")
+ENGINE_COUNTERS = ("packets_in", "packets_out", "tun_reads", "tun_writes", "retransmits",
+                   "flows_stalled")
 """proxyvpn counters a bulk line reports (their ratios: packets per TUN read and write)."""
 
 

@@ -140,8 +140,9 @@ class Runner:
         """One bulk transfer (sized from a probe to last ~bulk_seconds); MB/s of payload."""
         s = self.settings
         if s.probe_bytes:
-            probe = self.client(mode, direction, "--bytes", str(s.probe_bytes // conns),
-                                "--conns", str(conns))
+            with self.cpu_meter(mode) as probe_meter:
+                probe = self.client(mode, direction, "--bytes", str(s.probe_bytes // conns),
+                                    "--conns", str(conns))
             if not probe.get("ok"):
                 return {"ok": False, "error": probe.get("error", "probe failed"), "probe": probe}
             per_flow_rate = probe["bytes_per_s"] / conns
@@ -160,6 +161,11 @@ class Runner:
         if "engine" in meter:
             out["engine"] = meter["engine"]
         out["wall_s"] = round(meter["wall_s"], 3)
+        if s.probe_bytes:
+            # A stall in the probe (its slowest flow) shows here, not in the figure.
+            out["probe"] = {"seconds": probe.get("seconds"), "client_ns": probe_meter["client_ns"],
+                            **({"engine": probe_meter["engine"]} if "engine" in probe_meter
+                               else {})}
         if out.get("ok"):
             secs = out["seconds"]
             out["cpu_util"] = {k: round(v / secs, 2) for k, v in meter["cpu_s"].items()}
@@ -180,7 +186,8 @@ class Runner:
                 self.record(mode, figure, round(out["bytes_per_s"] / MB, 1), bytes=out["bytes"],
                             seconds=out["seconds"], flows=conns, cpu_s=out["cpu_s"],
                             cpu_util=out["cpu_util"], client_ns=out["client_ns"],
-                            **({"engine": out["engine"]} if "engine" in out else {}))
+                            **({"engine": out["engine"]} if "engine" in out else {}),
+                            **({"probe": out["probe"]} if "probe" in out else {}))
                 if conns == 1:
                     per_gb = {k: round(v / gb, 3) for k, v in out["cpu_s"].items()}
                     main = "proxy" if mode.name == "direct" else mode.name

@@ -36,6 +36,11 @@ from proxyvpn.relay.dial import ProxyEndpoint, TunnelProtocol, start_tunnel
 
 log = logging.getLogger("proxyvpn.aio")
 
+STALL_TIMEOUTS = 4
+"""Retransmission timeouts in a row (~3 s from the first at the 200 ms minimum RTO) after
+which a flow is logged as stalled, once: the app's kernel is not acknowledging what we
+send it, which no loss on a TUN explains for that long."""
+
 READ_BATCH = 64
 """Packets read per reader wake-up: amortises the callback without starving timers."""
 
@@ -426,7 +431,12 @@ class Engine:
             if flow.timer_at != deadline or self.flows.get(flow.key) is not flow:
                 continue
             flow.timer_at = None
-            flow.conn.handle_timer(now)
+            conn = flow.conn
+            conn.handle_timer(now)
+            if conn.timeouts_in_a_row == STALL_TIMEOUTS:
+                self.stats["flows_stalled"] += 1
+                flow.log.warning("%d retransmission timeouts without an ACK from the app "
+                                 "(%s)", STALL_TIMEOUTS, conn.describe())
             self.touch(flow)
         self.transmit()
 

@@ -563,6 +563,29 @@ class TcpConnection:
         return self._sack_ok
 
     @property
+    def timeouts_in_a_row(self) -> int:
+        """Retransmission timeouts since the app last acknowledged new data."""
+        return self._retries
+
+    def describe(self) -> str:
+        """The send side's state, for a log line about a stalled connection: what the
+        app has acknowledged, its window and our timers, with the 32-bit wire values a
+        packet capture shows."""
+        iss = self.iss
+        return (
+            f"{self._state.value} una={(iss + self.snd_una) & SEQ_MASK} "
+            f"nxt={(iss + self.snd_nxt) & SEQ_MASK} max={(iss + self.snd_max) & SEQ_MASK} "
+            f"(+{self.snd_una - 1} acked, {self.snd_max - self.snd_una} in flight, "
+            f"{len(self._sndbuf)} queued) wnd={self.snd_wnd} wl1={self.snd_wl1} "
+            f"wl2={self.snd_wl2} cwnd={self._cwnd} ssthresh={self._ssthresh} "
+            f"rto={self._rto:.3f} srtt={self._srtt} mss={self._smss} "
+            f"ts={self._ts_ok} ts_recent={self._ts_recent} sack={self._sack_ok} "
+            f"scoreboard={len(self._sb_lo)} recovery={self._in_recovery} "
+            f"rcv_nxt={(self.irs + self.rcv_nxt) & SEQ_MASK} "
+            f"rcv_wnd={self._rcv_adv - self.rcv_nxt}"
+        )
+
+    @property
     def send_queued(self) -> int:
         """Bytes queued towards the app, unsent plus unacknowledged."""
         return len(self._sndbuf)

@@ -1863,3 +1863,18 @@ def test_sack_recovery_ends_lossy_downloads_sooner_than_newreno() -> None:
     sack = sum(_lossy_download_seconds(seed, 16384, sack=True) for seed in range(8))
     print(f"NewReno {newreno:.2f} s, SACK {sack:.2f} s")
     assert sack < 0.6 * newreno, (sack, newreno)
+
+
+def test_timeouts_in_a_row_count_until_the_app_acknowledges_new_data() -> None:
+    a = App(TcpParams(mss=1000), wscale=-1, window=5000)
+    a.handshake()
+    a.conn.send(b"x" * 2000)
+    a.out()
+    for n in (1, 2, 3):
+        a.fire()
+        a.out()
+        assert a.conn.timeouts_in_a_row == n
+    assert "+0 acked, 2000 in flight" in a.conn.describe()
+    a.seg(ack=1001)
+    assert a.conn.timeouts_in_a_row == 0
+    assert "+1000 acked, 1000 in flight" in a.conn.describe()
