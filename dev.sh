@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 APT_PACKAGES=(nftables libnftables1 iproute2 iptables libcap-dev libcap2-bin gcc python3-venv
-              python3-dev tinyproxy squid redsocks curl util-linux procps tcpdump iputils-ping)
+              python3-dev tinyproxy squid redsocks conntrack curl util-linux procps tcpdump iputils-ping)
 VENV=${PROXYVPN_VENV:-.venv}
 PY=${PYTHON:-python3}
 

@@ -129,6 +129,23 @@ class BenchLab(Lab):
         super().delete()
         self._remove_squid_files()
 
+    def forget_connections(self) -> None:
+        """Empty the client namespace's conntrack table.
+
+        A mode's entries outlive it: redsocks' REDIRECT leaves NAT'd ones, in FIN_WAIT or
+        CLOSE_WAIT for up to 2 minutes, and tcp_tw_reuse=1 lets the next mode's client
+        reuse their 4-tuples. A SYN does not reopen an entry in those states, so the new
+        connection's first packets pass on the old entry, and each packet back to the app
+        (server -> app, which the NAT'd entry does not expect) makes a new entry whose
+        insert clashes with the old one: conntrack drops it (`conntrack -S`: insert_failed,
+        drop). Seen as one or two 8-flow probe flows stuck at 64,512 bytes for ~100 s and
+        connection-rate rounds at ~300/s with resets, only in proxyvpn rounds after a
+        redsocks one (2026-12-07)."""
+        out = self.client.run("conntrack", "-F", check=False)
+        if out.returncode not in (0, 1):  # 1: the table was empty already (older tools)
+            print(f"bench: conntrack -F failed in the client namespace: {out.stderr.strip()}",
+                  file=sys.stderr)
+
     def client_counters(self) -> dict[str, int]:
         """TCP retransmissions/RTO expiries of the client namespace (the apps' side) and
         drops on its TUN queue, if there is one: the usual reasons for a stalled flow."""

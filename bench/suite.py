@@ -316,10 +316,12 @@ class Runner:
     # ------------------------------------------------------------------ a mode
 
     def ensure_clean(self) -> None:
-        """After a mode (even a failed one): the server is up, the proxy is the default one."""
+        """After a mode (even a failed one): the server is up, the proxy is the default one,
+        and the client namespace tracks no connection of the mode that ran."""
         if self.server is None or self.server.poll() is not None:
             self.start_server()
         self.lab.ensure_proxy(self.proxy_kind)
+        self.lab.forget_connections()
 
     def run_mode(self, mode: Mode, only: set[str]) -> None:
         log(f"{mode.name}: starting")
