@@ -8,22 +8,11 @@ it would behind any fault on the app side of the TUN. Only data segments are dro
 
 from __future__ import annotations
 
-import time
-
-from topology import PYTHON, SERVER4
+from topology import PYTHON, SERVER4, until
 
 MB = 1 << 20
 WARNING = "retransmission timeouts without an ACK from the app"
 TABLE = "pvtest_stall"
-
-
-def _wait(predicate, timeout: float, step: float = 0.1) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(step)
-    return predicate()
 
 
 # Reads at ~6 MB/s, so data is always in flight towards it; says "ready" after 1 MiB.
@@ -59,7 +48,7 @@ def test_a_flow_the_app_stops_acknowledging_is_logged_once_and_recovers(lab):
             f' iifname "tun0" tcp sport 9000 meta length > 200 counter drop; }}; }}'))
         try:
             # Four timeouts from the 200 ms minimum: 0.2 + 0.4 + 0.8 + 1.6 s.
-            assert _wait(lambda: WARNING in lab.vpn_log(), 15), lab.vpn_log()[-2000:]
+            assert until(lambda: WARNING in lab.vpn_log(), 15), lab.vpn_log()[-2000:]
             dropped = lab.client.run("nft", "-j", "list", "table", "inet", TABLE).stdout
             assert '"packets": 0' not in dropped, dropped
         finally:
@@ -75,5 +64,5 @@ def test_a_flow_the_app_stops_acknowledging_is_logged_once_and_recovers(lab):
     # The line names the flow and the state a capture would be read against.
     assert f"-> {SERVER4}:9000]" in line and "una=" in line and "in flight" in line, line
     assert log.count(WARNING) == 1, log
-    assert _wait(lambda: lab.stats().get("flows_stalled") == 1, 5), lab.stats()
+    assert until(lambda: lab.stats().get("flows_stalled") == 1, 5), lab.stats()
     assert lab.stop_vpn() == 0
