@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import gc
 import heapq
 import json
 import logging
@@ -23,6 +22,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, cast
 
+from proxyvpn.aio import memory
 from proxyvpn.aio.busypoll import BULK_BYTES, BusyPollSelector
 from proxyvpn.aio.flow import Flow
 from proxyvpn.config import Config
@@ -580,7 +580,7 @@ async def run_engine(config: Config, plan: Any, tun: Any, state_dir: Path,
                              port=config.proxy.port, addresses=tuple(plan.proxy_ips),
                              credentials=config.proxy.credentials)
     engine = Engine(config, endpoint, tun.fd, vnet=tun.vnet, pcap_path=config.pcap, poller=poller)
-    _tune_gc()
+    memory.tune()
     loop = asyncio.get_running_loop()
     stopped = asyncio.get_running_loop().create_future()
     # asyncio resets a removed handler to the default (for SIGTERM: die on the spot), so
@@ -614,22 +614,6 @@ async def run_engine(config: Config, plan: Any, tun: Any, state_dir: Path,
         with contextlib.suppress(OSError):  # whatever is there now is not worth a crash
             stats_path.unlink(missing_ok=True)
     return stopped.result()
-
-
-GC_THRESHOLD0 = 50_000
-"""Allocations between young-generation collections (CPython's default is 700). Every new
-flow allocates a few hundred objects (connection, transport, protocol, buffers), so at the
-default the cyclic collector ran many times per connection: 7.7% of proxyvpn's CPU in
-`gc_collect_main` at 1,300 connections/s (py-spy, bench cps_64)."""
-
-
-def _tune_gc() -> None:
-    """Freeze what start-up allocated (it lives until exit) and collect less often; flows
-    still form reference cycles (protocol <-> transport), so the collector stays on."""
-    gc.collect()
-    gc.freeze()
-    _, gen1, gen2 = gc.get_threshold()
-    gc.set_threshold(GC_THRESHOLD0, gen1, gen2)
 
 
 def _write_stats(path: Path, stats: dict[str, Any]) -> None:
