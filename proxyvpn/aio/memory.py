@@ -36,9 +36,9 @@ proxyvpn's CPU (`perf record`, `perf stat -e page-faults`, bench lab). With fixe
 the heap keeps what a transfer needs, and the faults are gone; the RSS after a download
 did not change (~46 MiB). Setting either limit stops glibc's adapting of both."""
 
+# mallopt() parameters, from glibc's <malloc.h>.
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
-"""mallopt() parameters, from glibc's <malloc.h>."""
 
 
 def tune() -> None:

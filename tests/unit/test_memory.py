@@ -22,7 +22,7 @@ from proxyvpn.aio import memory
 applied = memory.tune_malloc() if sys.argv[1] == "tuned" else None
 faults = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 r, w = os.pipe()
-fcntl.fcntl(w, 1031, 1 << 20)  # F_SETPIPE_SZ: room for one whole read
+fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, 1 << 20)  # room for one whole read
 chunk = b"x" * 262_144
 queue = []
 before = faults()
