@@ -200,7 +200,7 @@ class Flow:
         tunnel.read_in_units(self.conn.send_mss)
         tunnel.attach(self)
 
-    def tunnel_data(self, data: bytes) -> None:
+    def tunnel_data(self, data: bytes, last: bool = False) -> None:
         if len(data) > BULK_BYTES and self.engine.poller is not None:
             self.engine.poller.bulk()
         if self._eof_timer is not None:
@@ -214,6 +214,10 @@ class Flow:
         if self.pending and not self._reading_paused and self.tunnel is not None:
             self._reading_paused = True
             self.tunnel.pause_reading()
+        if last:
+            # The proxy's FIN came with these bytes: queued now, it rides on their last
+            # segment (one TUN write for a short reply and its close).
+            self._tunnel_ended()
         # Straight out, not at the next loop iteration: data_received is an event-loop
         # callback of its own, so nothing is left to coalesce with, and an interactive
         # reply saves a trip through the selector.
@@ -221,10 +225,13 @@ class Flow:
         self.engine.transmit()
 
     def tunnel_eof(self) -> None:
+        self._tunnel_ended()
+        self._wake()
+
+    def _tunnel_ended(self) -> None:
         self._proxy_eof = True
         self.pending_eof = not self._fin_queued
         self._push_pending(self.engine._loop.time())
-        self._wake()
 
     def tunnel_lost(self, exc: Exception | None) -> None:
         now = self.engine._loop.time()

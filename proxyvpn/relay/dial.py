@@ -108,8 +108,9 @@ class TunnelSink(Protocol):
     the app). All methods are called from the event loop and must not block.
     """
 
-    def tunnel_data(self, data: bytes) -> None:
-        """Bytes from the destination, in order."""
+    def tunnel_data(self, data: bytes, last: bool = False) -> None:
+        """Bytes from the destination, in order. ``last``: the proxy's FIN came with
+        them, and stands for the tunnel_eof() that will not follow."""
 
     def tunnel_eof(self) -> None:
         """The proxy half-closed: no more data will come (we may still write)."""
@@ -177,6 +178,7 @@ class TunnelProtocol(asyncio.Protocol):
         self._pending_paused = False  # paused because nothing is attached yet
         self._eof_written = False
         self._eof_received = False
+        self._eof_delivered = False  # the sink had the EOF with the last bytes
         self._tls = False
         self._closed = False
         self._relaying = False  # a 2xx arrived: bytes now belong to the flow
@@ -224,7 +226,9 @@ class TunnelProtocol(asyncio.Protocol):
         if not self._relaying:
             return False
         self._eof_received = True
-        if self._sink is not None:
+        if self._eof_delivered:
+            pass  # with the last bytes (_deliver)
+        elif self._sink is not None:
             self._sink.tunnel_eof()
         else:
             self._pending_eof = True
@@ -303,7 +307,10 @@ class TunnelProtocol(asyncio.Protocol):
     def _deliver(self, data: bytes) -> None:
         """Give tunnel bytes to the sink, or buffer them until one is attached."""
         if self._sink is not None:
-            self._sink.tunnel_data(data)
+            transport = self.transport
+            last = isinstance(transport, SocketTransport) and transport.eof_read()
+            self._eof_delivered = last
+            self._sink.tunnel_data(data, last)
             return
         self._pending.append(data)
         self._pending_size += len(data)

@@ -6,9 +6,12 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import os
+import signal
 import threading
 import time
 
+import dpkt
 import pytest
 from impair import impair
 from topology import PROXY_PORT, PYTHON, ROUTER4_C, ROUTER6_C, SERVER4, SERVER6, until
@@ -537,6 +540,60 @@ def test_a_streaming_download_through_squid_is_written_in_whole_segments(lab):
     print(f"{packets} packets, {average:.0f} bytes each")
     assert average > 58_000, average  # a full one: 65,483 bytes of payload (~51,000 without)
     assert lab.stop_vpn() == 0
+
+
+SLOW_REPLY_SERVER = r"""
+import socket, sys, time
+srv = socket.create_server(("0.0.0.0", 9002))
+while True:
+    conn, _ = srv.accept()
+    if not conn.recv(16):
+        continue  # the lab's readiness probe
+    print("request", flush=True)
+    time.sleep(float(sys.argv[1]))
+    conn.sendall(b"r" * 100)
+    conn.close()  # the reply and the FIN, back to back
+"""
+
+READ_TO_EOF_CLIENT = r"""
+import socket, sys
+s = socket.create_connection((sys.argv[1], 9002), timeout=20)
+s.sendall(b"hello")
+got = b""
+while chunk := s.recv(4096):
+    got += chunk
+print(len(got))
+"""
+
+
+def test_a_short_reply_and_the_fin_behind_it_reach_the_app_in_one_segment(lab):
+    """Squid relays a server's short reply and its close back to back. When both are in
+    our socket by the time we read the reply, SocketTransport's follow-up recv() finds the
+    FIN, and the app gets reply and FIN in one segment: one TUN write, not two. Under load
+    that is nearly every short connection (the bench's connection test); here proxyvpn is
+    stopped while the reply arrives, so that both are surely queued when it reads."""
+    pcap = lab.workdir / "tun.pcap"
+    lab.start_squid()
+    server = lab.server.popen(PYTHON, "-c", SLOW_REPLY_SERVER, "0.5")
+    lab.wait_port(lab.server, SERVER4, 9002)
+    vpn = lab.start_vpn("--pcap", str(pcap))
+    client = lab.client.popen(PYTHON, "-c", READ_TO_EOF_CLIENT, SERVER4)
+    assert server.stdout.readline().strip() == "request"  # forwarded: ours is idle now
+    os.kill(vpn.pid, signal.SIGSTOP)
+    try:
+        time.sleep(1.5)  # the server answers after 0.5 s; squid relays reply and FIN
+    finally:
+        os.kill(vpn.pid, signal.SIGCONT)
+    out, _ = client.communicate(timeout=20)
+    assert client.returncode == 0 and out.strip() == "100", out
+    assert lab.stop_vpn() == 0
+    replies = []
+    with open(pcap, "rb") as fh:
+        for _, buf in dpkt.pcap.Reader(fh):
+            if buf[0] >> 4 == 4 and isinstance(tcp := dpkt.ip.IP(buf).data, dpkt.tcp.TCP) \
+                    and tcp.sport == 9002 and (tcp.data or tcp.flags & dpkt.tcp.TH_FIN):
+                replies.append((len(tcp.data), bool(tcp.flags & dpkt.tcp.TH_FIN)))
+    assert replies == [(100, True)], replies
 
 
 def test_no_offload_uses_mss_sized_packets(lab):

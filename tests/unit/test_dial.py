@@ -96,10 +96,12 @@ class Sink:
         self.writable = 0
         self._changed = asyncio.Event()
 
-    def tunnel_data(self, data: bytes) -> None:
+    def tunnel_data(self, data: bytes, last: bool = False) -> None:
         self.data += data
         if not self.events or self.events[-1] != "data":
             self.events.append("data")
+        if last:
+            self.events.append("eof")  # the FIN came with these bytes
         self._changed.set()
 
     def tunnel_eof(self) -> None:

@@ -252,3 +252,40 @@ def test_a_packet_that_parse_fails_on_costs_that_packet_only(monkeypatch):
         ours.close()
         tun_side.close()
     asyncio.run(body())
+
+
+# ---------------------------------------------------------------- the proxy's FIN
+
+
+def _written_vnet(tun: socket.socket) -> list[tuple]:
+    out = []
+    while True:
+        try:
+            out.append(wire.parse(tun.recv(1 << 17), True, True))
+        except BlockingIOError:
+            return out
+
+
+@pytest.mark.parametrize("with_the_data", [True, False])
+def test_a_reply_that_came_with_the_proxys_fin_goes_out_in_one_segment(with_the_data):
+    """tunnel_data(last=True): the FIN rides on the reply's segment, one TUN write;
+    the FIN told apart (tunnel_eof) costs a second segment."""
+    def body(lab: hotpath.Lab) -> None:
+        reply = b"r" * 100
+        lab.drain()
+        if with_the_data:
+            lab.flow.tunnel_data(reply, last=True)
+        else:
+            lab.flow.tunnel_data(reply)
+            lab.flow.tunnel_eof()
+            lab.engine._scheduled_transmit()
+        packets = _written_vnet(lab.tun)
+        flags = [p[7] for p in packets]
+        payloads = [p[10] - p[9] for p in packets]
+        if with_the_data:
+            assert len(packets) == 1 and flags[0] & wire.FIN and payloads == [100]
+        else:
+            assert len(packets) == 2 and not flags[0] & wire.FIN and flags[1] & wire.FIN
+            assert payloads == [100, 0]
+        assert lab.flow.conn.state.name == "FIN_WAIT_1"
+    _run_lab(body)

@@ -392,3 +392,89 @@ def test_reads_are_cut_to_whole_units_and_the_mark_follows() -> None:
             assert max(protocol.sizes) == 4 * unit
 
     run(body())
+
+
+class FinWatch(Recorder):
+    """Records each delivery with what eof_read() said during it, and whether eof_received
+    came in the same event-loop callback (before a call_soon marker set by the delivery)."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.calls.append(f"data {bytes(data[:8]).decode()} fin={self.transport.eof_read()}")
+        asyncio.get_running_loop().call_soon(self.calls.append, "next callback")
+        super().data_received(data)
+
+
+async def _queued(transport: SocketTransport, peer: socket.socket, data: bytes,
+                  fin: bool = False) -> None:
+    """``data`` (and the FIN) queued in our socket before the transport reads any of it."""
+    transport.pause_reading()
+    peer.send(data)
+    if fin:
+        peer.shutdown(socket.SHUT_WR)
+    await asyncio.sleep(0.02)  # loopback: delivered long before
+    transport.resume_reading()
+
+
+def test_a_short_reply_and_the_fin_behind_it_are_delivered_together() -> None:
+    """The FIN that came with a reply is read at once: the protocol knows it during
+    data_received (so the stack can send one segment with both), and eof_received
+    follows in the same callback. The first read (the CONNECT answer) is not followed up."""
+    async def body() -> None:
+        async with pair(FinWatch) as (transport, protocol, peer):
+            await _queued(transport, peer, b"answer")
+            await until(lambda: "next callback" in protocol.calls)
+            await _queued(transport, peer, b"reply", fin=True)
+            await until(lambda: protocol.calls.count("next callback") == 2)
+            assert protocol.calls == ["made", "data answer fin=False", "next callback",
+                                      "data reply fin=True", "eof", "next callback"]
+            assert not transport.is_reading()
+
+    run(body())
+
+
+def test_the_first_read_is_not_followed_up_even_with_a_fin_behind_it() -> None:
+    async def body() -> None:
+        async with pair(FinWatch) as (transport, protocol, peer):
+            await _queued(transport, peer, b"answer", fin=True)
+            await until(lambda: "eof" in protocol.calls)
+            assert protocol.calls[:3] == ["made", "data answer fin=False", "next callback"]
+            assert protocol.calls.count("eof") == 1
+
+    run(body())
+
+
+def test_a_follow_up_that_finds_nothing_ends_the_follow_ups() -> None:
+    """A long-lived connection (request, reply, request, ...) pays for one empty recv()
+    at most: once a follow-up found nothing, a later FIN is read on its own wake-up."""
+    async def body() -> None:
+        async with pair(FinWatch) as (transport, protocol, peer):
+            await _queued(transport, peer, b"answer")
+            await until(lambda: protocol.calls.count("next callback") == 1)
+            await _queued(transport, peer, b"reply1")  # followed up: nothing behind it
+            await until(lambda: protocol.calls.count("next callback") == 2)
+            await _queued(transport, peer, b"reply2", fin=True)
+            await until(lambda: "eof" in protocol.calls)
+            assert protocol.calls[3:] == ["data reply1 fin=False", "next callback",
+                                          "data reply2 fin=False", "next callback", "eof"]
+
+    run(body())
+
+
+def test_a_long_read_is_not_followed_up() -> None:
+    """Reads of FIN_PROBE_BELOW or more are a stream's: no extra recv() for them."""
+    big = b"b" * transport_module.FIN_PROBE_BELOW
+
+    async def body() -> None:
+        async with pair(FinWatch) as (transport, protocol, peer):
+            await _queued(transport, peer, b"answer")
+            await until(lambda: protocol.calls.count("next callback") == 1)
+            await _queued(transport, peer, big, fin=True)
+            await until(lambda: "eof" in protocol.calls)
+            assert protocol.calls[3:] == ["data bbbbbbbb fin=False", "next callback", "eof"]
+            assert bytes(protocol.data[6:]) == big
+
+    run(body())
