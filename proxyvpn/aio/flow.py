@@ -215,8 +215,9 @@ class Flow:
             self._reading_paused = True
             self.tunnel.pause_reading()
         if last:
-            # The proxy's FIN came with these bytes: queued now, it rides on their last
-            # segment (one TUN write for a short reply and its close).
+            # The proxy's FIN came with these bytes: queued behind them now, it rides on
+            # their last segment when the send queue took them all (one TUN write for a
+            # short reply and its close).
             self._tunnel_ended()
         # Straight out, not at the next loop iteration: data_received is an event-loop
         # callback of its own, so nothing is left to coalesce with, and an interactive

@@ -213,7 +213,8 @@ class TunnelProtocol(asyncio.Protocol):
         """The proxy half-closed its side.
 
         During the handshake this is a protocol error. In relay mode it is the
-        destination's FIN: tell the sink and keep the transport open (return
+        destination's FIN: tell the sink (unless it had the FIN with the last
+        bytes: _deliver, SocketTransport.eof_read) and keep the transport open (return
         True) so the other direction can still flow -- a half-closed TCP
         connection is legitimate (RFC 9293 §3.6). If our FIN went out already,
         both directions are done and the transport may close (return False).
@@ -309,7 +310,10 @@ class TunnelProtocol(asyncio.Protocol):
         if self._sink is not None:
             transport = self.transport
             last = isinstance(transport, SocketTransport) and transport.eof_read()
-            self._eof_delivered = last
+            if last:
+                # Before the sink runs: what it does in the call (write_eof) must see
+                # the proxy's FIN as received already.
+                self._eof_received = self._eof_delivered = True
             self._sink.tunnel_data(data, last)
             return
         self._pending.append(data)
@@ -324,11 +328,14 @@ class TunnelProtocol(asyncio.Protocol):
             raise RuntimeError("TunnelProtocol.attach() called twice")
         self._sink = sink
         pending, self._pending, self._pending_size = self._pending, [], 0
-        for chunk in pending:
-            sink.tunnel_data(chunk)
+        # A FIN that came before the sink rides with the last bytes, as in _deliver.
+        eof_with_data = self._pending_eof and bool(pending)
+        for i, chunk in enumerate(pending):
+            sink.tunnel_data(chunk, eof_with_data and i == len(pending) - 1)
         if self._pending_eof:
             self._pending_eof = False
-            sink.tunnel_eof()
+            if not eof_with_data:
+                sink.tunnel_eof()
         if self._pending_lost is not None:
             (exc,) = self._pending_lost
             self._pending_lost = None

@@ -46,13 +46,14 @@ delays any byte (asyncio rounds its timeouts up to the millisecond)."""
 
 FIN_PROBE_BELOW = 16 * 1024
 """A read shorter than this (a reply, not a stream) is followed at once by one more
-recv(). On a short-lived connection the proxy's FIN has nearly always arrived with the
-reply (squid relays the server's reply and close back to back: 17,555 of 17,555 replies
-in the bench's connection test), and knowing it now lets the stack send the reply and
-its FIN in one segment, one TUN write, instead of a second segment after another trip
-through the event loop. The first read (the CONNECT answer) is never followed up, and
-once a follow-up finds nothing the connection is taken for a long-lived one and never
-followed up again: at most one recv() per connection that finds nothing."""
+recv(). On a short-lived connection under load the proxy's FIN has nearly always arrived
+with the reply (squid relays the server's reply and close back to back: 17,555 of 17,555
+replies in the bench's connection test), and knowing it now lets the stack send the reply
+and its FIN in one segment, one TUN write, instead of a second segment after another trip
+through the event loop. The first read (normally the whole CONNECT answer) is never
+followed up, and once a follow-up finds nothing, or more data, the connection is taken for
+a long-lived one or a stream and never followed up again: at most one recv() per
+connection that finds nothing."""
 
 _IOV_BATCH = 512
 """Buffers per sendmsg(), below Linux's IOV_MAX (1024)."""
@@ -139,9 +140,12 @@ class SocketTransport(asyncio.Transport):
                         self._at_eof = True
                     elif more:
                         self._probe_fin = False  # a stream after all
+                        self._burst += len(more)
                 self._read_before = True
                 self._protocol.data_received(data)
                 if more and not self._closing:
+                    # Already read: delivered even if the protocol paused reading just
+                    # now (once per connection at most; asyncio never does this).
                     self._protocol.data_received(more)
                 if failed is not None:
                     self._fatal(failed)
@@ -160,7 +164,8 @@ class SocketTransport(asyncio.Transport):
 
     def eof_read(self) -> bool:
         """Whether the peer's FIN has been read. During data_received() this says that
-        eof_received() follows at once: the proxy's FIN came with those bytes."""
+        eof_received() follows at once (unless the protocol closes the transport
+        meanwhile): the proxy's FIN came with those bytes."""
         return self._at_eof
 
     def _raise_lowat(self, now: float) -> None:

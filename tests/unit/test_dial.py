@@ -94,6 +94,7 @@ class Sink:
         self.events: list[str] = []
         self.lost_exc: Exception | None = None
         self.writable = 0
+        self.eof_with_data = 0  # tunnel_data(last=True) calls
         self._changed = asyncio.Event()
 
     def tunnel_data(self, data: bytes, last: bool = False) -> None:
@@ -102,6 +103,7 @@ class Sink:
             self.events.append("data")
         if last:
             self.events.append("eof")  # the FIN came with these bytes
+            self.eof_with_data += 1
         self._changed.set()
 
     def tunnel_eof(self) -> None:
@@ -339,6 +341,7 @@ def test_early_bytes_in_the_header_read_are_kept_and_ordered() -> None:
             protocol.attach(sink)  # buffered data, then the proxy's EOF, in order
             assert bytes(sink.data) == b"EARLYLATE"
             assert sink.events == ["data", "eof"]
+            assert sink.eof_with_data == 1  # the FIN with the last buffered bytes
             # Half-closed by the proxy only: our FIN finishes the tunnel.
             assert not protocol.transport.is_closing()  # type: ignore[union-attr]
             protocol.write_eof()
@@ -350,6 +353,53 @@ def test_early_bytes_in_the_header_read_are_kept_and_ordered() -> None:
             ]
             with pytest.raises(RuntimeError):
                 protocol.attach(Sink())
+
+    run(body())
+
+
+def after_go(send: Callable[[asyncio.StreamWriter], object]) -> Script:
+    """A fake proxy's script: 200, then, once we wrote b"go", ``send``; then read to the end."""
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\n\r\n")
+        await writer.drain()
+        assert await reader.readexactly(2) == b"go"
+        send(writer)
+        await writer.drain()
+        await reader.read()
+    return script
+
+
+def _reply_and_fin(writer: asyncio.StreamWriter) -> None:
+    writer.write(b"reply")
+    writer.write_eof()
+
+
+def test_a_reply_read_with_the_proxys_fin_reaches_the_sink_with_it() -> None:
+    """Reply and FIN queued before we read: the sink gets them in one call
+    (tunnel_data(last=True), so the stack can send one segment) and no tunnel_eof after."""
+    async def body() -> None:
+        async with Fake(after_go(_reply_and_fin)) as fake:
+            protocol = await dial(fake.endpoint, "example.com", 443)
+            sink = Sink()
+            protocol.attach(sink)
+            protocol.pause_reading()
+            protocol.write(b"go")
+            sock = protocol.transport.get_extra_info("socket")  # type: ignore[union-attr]
+            poller = select.poll()
+            poller.register(sock.fileno(), select.POLLRDHUP)
+            deadline = time.monotonic() + 5
+            while not poller.poll(0):  # the fake runs on this loop: wait without blocking it
+                assert time.monotonic() < deadline, "the proxy's FIN never came"
+                await asyncio.sleep(0.002)
+            # Reply and FIN are both queued in our socket now.
+            protocol.resume_reading()
+            await sink.until(lambda: "eof" in sink.events)
+            await asyncio.sleep(0.05)  # a second EOF would come by now
+            assert bytes(sink.data) == b"reply"
+            assert sink.events == ["data", "eof"] and sink.eof_with_data == 1
+            protocol.write_eof()  # the proxy's FIN counts as received: this closes
+            await sink.until(lambda: "lost" in sink.events)
+            assert sink.events == ["data", "eof", "lost"]
 
     run(body())
 
@@ -820,16 +870,8 @@ def test_unattached_data_is_bounded_by_pausing_the_socket() -> None:
 
 
 def test_pause_reading_holds_data_until_resumed() -> None:
-    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(b"HTTP/1.1 200 OK\r\n\r\n")
-        await writer.drain()
-        assert await reader.readexactly(2) == b"go"
-        writer.write(b"payload")
-        await writer.drain()
-        await reader.read()
-
     async def body() -> None:
-        async with Fake(script) as fake:
+        async with Fake(after_go(lambda writer: writer.write(b"payload"))) as fake:
             protocol = await dial(fake.endpoint, "example.com", 443)
             sink = Sink()
             protocol.attach(sink)

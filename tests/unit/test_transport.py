@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import random
+import select
 import socket
 
 import pytest
@@ -412,10 +413,13 @@ async def _queued(transport: SocketTransport, peer: socket.socket, data: bytes,
                   fin: bool = False) -> None:
     """``data`` (and the FIN) queued in our socket before the transport reads any of it."""
     transport.pause_reading()
-    peer.send(data)
+    peer.sendall(data)
     if fin:
         peer.shutdown(socket.SHUT_WR)
-    await asyncio.sleep(0.02)  # loopback: delivered long before
+    poller = select.poll()
+    poller.register(transport.get_extra_info("socket").fileno(),
+                    select.POLLRDHUP if fin else select.POLLIN)
+    assert poller.poll(5000), "never arrived"
     transport.resume_reading()
 
 
