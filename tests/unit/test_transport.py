@@ -187,6 +187,29 @@ def test_writelines_partial_sends_keep_order_and_bytes() -> None:
     run(body())
 
 
+def test_queued_writes_keep_the_bytes_of_the_moment_they_were_written() -> None:
+    """asyncio lets a writer reuse its buffer as soon as write() returns, so what the
+    socket did not take must not change with it (a queue of views would)."""
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        async with pair() as (transport, protocol, peer):
+            fill = random.Random(5).randbytes(32 * 1024 * 1024)
+            transport.write(fill)
+            assert transport.get_write_buffer_size() > 0  # the peer reads nothing yet
+            scratch = bytearray(b"first")
+            transport.write(scratch)
+            scratch[:] = b"XXXXX"
+            transport.writelines([memoryview(scratch), b"-last"])
+            scratch[:] = b"YYYYY"
+            before = transport.get_write_buffer_size()
+            transport.write_eof()
+            received = await read_all(loop, peer)
+            assert received == fill + b"firstXXXXX-last"
+            assert before > 15 and transport.get_write_buffer_size() == 0
+
+    run(body())
+
+
 def test_reset_while_data_is_buffered_is_connection_lost_with_the_error() -> None:
     async def body() -> None:
         async with pair() as (transport, protocol, peer):
