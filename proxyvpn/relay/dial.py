@@ -178,7 +178,6 @@ class TunnelProtocol(asyncio.Protocol):
         self._pending_paused = False  # paused because nothing is attached yet
         self._eof_written = False
         self._eof_received = False
-        self._eof_delivered = False  # the sink had the EOF with the last bytes
         self._tls = False
         self._closed = False
         self._relaying = False  # a 2xx arrived: bytes now belong to the flow
@@ -213,8 +212,8 @@ class TunnelProtocol(asyncio.Protocol):
         """The proxy half-closed its side.
 
         During the handshake this is a protocol error. In relay mode it is the
-        destination's FIN: tell the sink (unless it had the FIN with the last
-        bytes: _deliver, SocketTransport.eof_read) and keep the transport open (return
+        destination's FIN: tell the sink (unless _deliver gave it the FIN with the
+        last bytes, SocketTransport.eof_read) and keep the transport open (return
         True) so the other direction can still flow -- a half-closed TCP
         connection is legitimate (RFC 9293 §3.6). If our FIN went out already,
         both directions are done and the transport may close (return False).
@@ -226,13 +225,12 @@ class TunnelProtocol(asyncio.Protocol):
             return False
         if not self._relaying:
             return False
-        self._eof_received = True
-        if self._eof_delivered:
-            pass  # with the last bytes (_deliver)
-        elif self._sink is not None:
-            self._sink.tunnel_eof()
-        else:
-            self._pending_eof = True
+        if not self._eof_received:  # else _deliver gave the sink this FIN with the last bytes
+            self._eof_received = True
+            if self._sink is not None:
+                self._sink.tunnel_eof()
+            else:
+                self._pending_eof = True
         # Both directions finished: nothing can flow any more, let it close.
         return not self._tls and not self._eof_written
 
@@ -313,7 +311,7 @@ class TunnelProtocol(asyncio.Protocol):
             if last:
                 # Before the sink runs: what it does in the call (write_eof) must see
                 # the proxy's FIN as received already.
-                self._eof_received = self._eof_delivered = True
+                self._eof_received = True
             self._sink.tunnel_data(data, last)
             return
         self._pending.append(data)

@@ -128,7 +128,9 @@ class SocketTransport(asyncio.Transport):
                     self._raise_lowat(now)
                 if n < FIN_PROBE_BELOW and self._probe_fin and self._read_before:
                     try:
-                        more = self._sock.recv(self._read_size)
+                        # Sized for what it is looking for: recv() allocates the whole
+                        # size before it reads, and mostly there is nothing to read.
+                        more = self._sock.recv(FIN_PROBE_BELOW)
                     except (BlockingIOError, InterruptedError):
                         self._probe_fin = False
                     except OSError as exc:

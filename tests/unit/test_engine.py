@@ -31,13 +31,13 @@ def _engine_on_socket_pair() -> tuple[socket.socket, socket.socket, engine_modul
     return ours, tun_side, engine
 
 
-def _written(tun_side: socket.socket) -> list[tuple]:
+def _written(tun_side: socket.socket, vnet: bool = False) -> list[tuple]:
     """Every packet the engine wrote, parsed."""
     tun_side.setblocking(False)
     out = []
     while True:
         try:
-            out.append(wire.parse(tun_side.recv(65536)))
+            out.append(wire.parse(tun_side.recv(1 << 17), True, vnet))
         except BlockingIOError:
             return out
 
@@ -257,15 +257,6 @@ def test_a_packet_that_parse_fails_on_costs_that_packet_only(monkeypatch):
 # ---------------------------------------------------------------- the proxy's FIN
 
 
-def _written_vnet(tun: socket.socket) -> list[tuple]:
-    out = []
-    while True:
-        try:
-            out.append(wire.parse(tun.recv(1 << 17), True, True))
-        except BlockingIOError:
-            return out
-
-
 @pytest.mark.parametrize("with_the_data", [True, False])
 def test_a_reply_that_came_with_the_proxys_fin_goes_out_in_one_segment(with_the_data):
     """tunnel_data(last=True): the FIN rides on the reply's segment, one TUN write;
@@ -279,7 +270,7 @@ def test_a_reply_that_came_with_the_proxys_fin_goes_out_in_one_segment(with_the_
             lab.flow.tunnel_data(reply)
             lab.flow.tunnel_eof()
             lab.engine._scheduled_transmit()
-        packets = _written_vnet(lab.tun)
+        packets = _written(lab.tun, vnet=True)
         flags = [p[7] for p in packets]
         payloads = [p[10] - p[9] for p in packets]
         if with_the_data:
