@@ -57,6 +57,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--logs", type=Path, metavar="DIR",
                    help="at the end, copy every log of the run (proxy, proxyvpn, redsocks) "
                         "to DIR; a failed run saves them anyway")
+    p.add_argument("--congestion", metavar="ALGO",
+                   help="TCP congestion control of every socket in the lab: any the kernel "
+                        "has (cubic, reno, bbr, ...), or 'host' for the host's own default, "
+                        "which its namespaces inherit [default: cubic, Linux's default; "
+                        "'host' on a kernel without it]")
     p.add_argument("--tun-route", action="store_true",
                    help="experiment: also route the server via the TUN in the main table, so "
                         "apps' sockets get the TUN's MSS at connect time (see bench/README.md)")
@@ -71,7 +76,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for o in args.only:
         if o not in ("bulk", "lat", "cps", "idle"):
             p.error(f"unknown test {o!r}")
+    if args.congestion is None:
+        args.congestion = "cubic" if "cubic" in available_congestion() else "host"
+    if args.congestion != "host" and args.congestion not in available_congestion():
+        p.error(f"congestion control {args.congestion!r} is not available here "
+                f"(available: {' '.join(available_congestion())})")
     return args
+
+
+_CONGESTION = Path("/proc/sys/net/ipv4")
+
+
+def available_congestion() -> list[str]:
+    """The congestion controls the kernel has loaded (any namespace's routes may use them)."""
+    try:
+        return (_CONGESTION / "tcp_available_congestion_control").read_text().split()
+    except OSError:
+        return []
+
+
+def host_congestion() -> str:
+    try:
+        return (_CONGESTION / "tcp_congestion_control").read_text().strip()
+    except OSError:
+        return "?"
 
 
 def _version(argv: list[str]) -> str:
@@ -100,7 +128,7 @@ def environment(proxy: str) -> dict:
         "kernel": platform.release(), "cpus": os.cpu_count(), "cpu": cpu,
         "python": platform.python_version(), "commit": commit + ("+dirty" if dirty != "?" else ""),
         "proxy": _version(["squid", "-v"]) if proxy == "squid" else _version(["tinyproxy", "-v"]),
-        "redsocks": _dpkg_version("redsocks"),
+        "redsocks": _dpkg_version("redsocks"), "host_congestion": host_congestion(),
         "loadavg": Path("/proc/loadavg").read_text().split()[:3],
     }
 
@@ -147,13 +175,17 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# proxyvpn benchmark, {when}", flush=True)
     print(f"# command: {command}", flush=True)
     emit({"figure": "run", "date": when, "command": command, "quick": args.quick,
-          "proxy_kind": args.proxy, "fd_limit": fd_limit, **env})
+          "proxy_kind": args.proxy, "fd_limit": fd_limit, "congestion": args.congestion, **env})
     settings = QUICK if args.quick else FULL
     lab = None
     labels = {}
     failures = 0
     try:
         lab = make_lab(min(fd_limit, 65536))
+        if args.congestion != "host":
+            # The host's default need not be what users run (this one's may be bbr, whose
+            # pacing costs every process of the lab CPU per byte): the same for every run.
+            lab.set_congestion(args.congestion)
         log(f"lab: namespaces {lab.client.name} {lab.router.name} {lab.server.name}, "
             f"workdir {lab.workdir}, fd limit {fd_limit}")
         pump_bin = pump.build(lab.workdir)
@@ -221,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
         f"- host: {env['cpus']} CPU ({env['cpu']}), Linux {env['kernel']}, "
         f"Python {env['python']}, commit {env['commit']}",
         f"- proxy: {env['proxy']}; {env['redsocks']}",
+        f"- TCP congestion control in the lab: {args.congestion} (the host's default: "
+        f"{env['host_congestion']})",
         f"- load average at start: {' '.join(env['loadavg'])} (every process of the lab shares "
         f"these {env['cpus']} CPUs with whatever else runs on the host)",
     ]

@@ -34,8 +34,68 @@ def test_bench_quick_runs_every_mode(tmp_path):
             row = got.get((mode, figure))
             assert row and row.get("value"), (mode, figure, row)
     assert "| Bulk download, 1 flow" in result.stdout  # the markdown table
+    # The lab's congestion control is the bench's (Linux's default), not the host's.
+    assert rows[0]["figure"] == "run" and rows[0]["congestion"] == "cubic"
+    assert "- TCP congestion control in the lab: cubic (the host's default: " in result.stdout
     for mode in ("direct", "proxyvpn", "redsocks"):  # the sum covers every process
         row = got[(mode, "cpu_conn_all")]
         assert row["value"] == pytest.approx(sum(row["cpu_us_per_conn"].values()), abs=0.5)
         assert row["value"] > got[(mode, "cpu_conn")]["value"]
     assert root_namespace_state() == before  # the lab was built in namespaces and removed
+
+
+# Both ends of a connection print the congestion control their socket got: the
+# connecting side once connect() returned, the accepting side from accept().
+_CC_SCRIPT = r"""
+import socket, sys
+def cc(s):
+    return s.getsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, 16).rstrip(b"\0").decode()
+role, host, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+family = socket.AF_INET6 if ":" in host else socket.AF_INET
+if role == "serve":
+    listener = socket.socket(family)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind((host, port))
+    listener.listen()
+    print("ready", flush=True)
+    conn, _ = listener.accept()
+    print(cc(conn), flush=True)
+else:
+    print(cc(socket.create_connection((host, port), timeout=10)), flush=True)
+"""
+
+
+def _congestion_of_both_ends(server_ns, client_ns, host: str, port: int) -> tuple[str, str]:
+    server = server_ns.popen(sys.executable, "-c", _CC_SCRIPT, "serve", host, str(port))
+    try:
+        assert server.stdout is not None
+        assert server.stdout.readline().strip() == "ready"
+        client = client_ns.run(sys.executable, "-c", _CC_SCRIPT, "connect", host, str(port))
+        return client.stdout.strip(), server.stdout.readline().strip()
+    finally:
+        server.kill()
+        server.wait()
+
+
+@pytest.mark.timeout(120)
+def test_every_socket_of_the_lab_takes_the_congestion_control_it_was_given():
+    from topology import CLIENT4, SERVER4, SERVER6
+
+    from bench.cli import available_congestion, host_congestion
+    from bench.lab import make_lab, remove_lab
+
+    # One the namespaces would not have anyway: they inherit the host's default.
+    algo = "reno" if host_congestion() != "reno" else "cubic"
+    assert algo in available_congestion()
+    lab = make_lab()
+    try:
+        lab.set_congestion(algo)
+        # Through the router (default routes, v4 and v6) and, in one namespace, to its
+        # own address (local routes: what redsocks accepts a redirected connection on).
+        assert _congestion_of_both_ends(lab.server, lab.client, SERVER4, 9101) == (algo, algo)
+        assert _congestion_of_both_ends(lab.server, lab.client, SERVER6, 9102) == (algo, algo)
+        assert _congestion_of_both_ends(lab.client, lab.client, CLIENT4, 9103) == (algo, algo)
+        # And the proxy's side: the router's connected routes.
+        assert _congestion_of_both_ends(lab.router, lab.client, "10.77.1.1", 9104) == (algo, algo)
+    finally:
+        remove_lab(lab)
