@@ -76,30 +76,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for o in args.only:
         if o not in ("bulk", "lat", "cps", "idle"):
             p.error(f"unknown test {o!r}")
+    from bench.lab import available_congestion
+
     if args.congestion is None:
         args.congestion = "cubic" if "cubic" in available_congestion() else "host"
     if args.congestion != "host" and args.congestion not in available_congestion():
         p.error(f"congestion control {args.congestion!r} is not available here "
                 f"(available: {' '.join(available_congestion())})")
     return args
-
-
-_CONGESTION = Path("/proc/sys/net/ipv4")
-
-
-def available_congestion() -> list[str]:
-    """The congestion controls the kernel has loaded (any namespace's routes may use them)."""
-    try:
-        return (_CONGESTION / "tcp_available_congestion_control").read_text().split()
-    except OSError:
-        return []
-
-
-def host_congestion() -> str:
-    try:
-        return (_CONGESTION / "tcp_congestion_control").read_text().strip()
-    except OSError:
-        return "?"
 
 
 def _version(argv: list[str]) -> str:
@@ -112,7 +96,7 @@ def _version(argv: list[str]) -> str:
 
 
 def environment(proxy: str) -> dict:
-    from bench.lab import REPO
+    from bench.lab import REPO, host_congestion
 
     cpu = "?"
     try:

@@ -33,7 +33,9 @@ from topology import (  # noqa: E402
     ROUTER4_C,
     SERVER4,
     Lab,
+    available_congestion,
     build_lab,
+    host_congestion,
     remove_lab,
 )
 
@@ -51,7 +53,8 @@ NS_SYSCTLS = (
     "net.ipv4.tcp_max_syn_backlog=8192",
 )
 
-__all__ = ["PROXY_PORT", "ROUTER4_C", "SERVER4", "BenchLab", "make_lab", "remove_lab"]
+__all__ = ["PROXY_PORT", "ROUTER4_C", "SERVER4", "BenchLab", "available_congestion",
+           "host_congestion", "make_lab", "remove_lab"]
 
 
 # TcpExt counters of segments the apps' kernel dropped (or ACKs it ignored): PAWS,
@@ -71,8 +74,6 @@ class BenchLab(Lab):
     squid_service: str = dataclasses.field(
         default_factory=lambda: f"pvbench{secrets.token_hex(3)}")
     """squid -n: names its SMP shared memory and IPC sockets, removed with the lab."""
-    congestion: str = "host"
-    """The lab's TCP congestion control: set_congestion()'s, or "host" (the host's default)."""
 
     def start_squid(self, workers: int = 1) -> None:
         """squid on the router; workers > 1 (SMP) when one process cannot have enough fds."""
@@ -218,39 +219,6 @@ class BenchLab(Lab):
         for ns in (self.client, self.router, self.server):
             for setting in NS_SYSCTLS:
                 ns.run("sysctl", "-qw", setting, check=False)
-
-    def set_congestion(self, algo: str) -> None:
-        """Make every TCP socket of the lab use congestion control ``algo``.
-
-        A namespace's sockets take the host's default (net.ipv4.tcp_congestion_control
-        is copied from the host's namespace), and a namespace may only choose a default
-        from tcp_allowed_congestion_control, which need not have cubic, Linux's own
-        default. A route's ``congctl`` has no such limit, and connect() and accept()
-        both take it from the route to the peer: so every route of the lab gets it
-        (routes added later too: :meth:`route_options`).
-        """
-        self.congestion = algo
-        for ns in (self.client, self.router, self.server):
-            for family in ("-4", "-6"):
-                routes = json.loads(ns.run("ip", "-j", family, "route", "show", "table", "all")
-                                    .stdout or "[]")
-                for route in routes:
-                    kind = route.get("type", "unicast")
-                    # Local routes too: they are what a socket accepted from this host's
-                    # own address takes (redsocks' side of a redirected connection).
-                    if kind not in ("unicast", "local") or route["dst"].startswith("fe80:"):
-                        continue
-                    spec = [kind, route["dst"]]
-                    for key, word in (("gateway", "via"), ("dev", "dev"), ("table", "table"),
-                                      ("protocol", "proto"), ("scope", "scope"),
-                                      ("prefsrc", "src"), ("metric", "metric")):
-                        if key in route:
-                            spec += [word, str(route[key])]
-                    ns.run("ip", family, "route", "replace", *spec, *self.route_options())
-
-    def route_options(self) -> list[str]:
-        """What a route added to the lab needs: its congestion control, if one is set."""
-        return [] if self.congestion == "host" else ["congctl", self.congestion]
 
     def established_at_proxy(self) -> int:
         """Established TCP connections of the router namespace (both proxy sides)."""

@@ -36,10 +36,15 @@ def ns() -> Iterator[Netns]:
 @pytest.fixture
 def lab():
     """client -- router(proxy) -- server namespaces, tinyproxy started; always removed."""
-    from topology import build_lab, remove_lab
+    from topology import available_congestion, build_lab, remove_lab
 
     built = build_lab()
     try:
+        # The namespaces would inherit the host's default congestion control (bbr on some
+        # hosts): the lab runs Linux's own default instead, unless a run asks for another.
+        congestion = os.environ.get("PROXYVPN_TEST_CONGESTION", "cubic")
+        if congestion != "host" and congestion in available_congestion():
+            built.set_congestion(congestion)
         built.start_tinyproxy()
         yield built
     finally:

@@ -79,9 +79,8 @@ def _congestion_of_both_ends(server_ns, client_ns, host: str, port: int) -> tupl
 
 @pytest.mark.timeout(120)
 def test_every_socket_of_the_lab_takes_the_congestion_control_it_was_given():
-    from topology import CLIENT4, SERVER4, SERVER6
+    from topology import CLIENT4, SERVER4, SERVER6, available_congestion, host_congestion
 
-    from bench.cli import available_congestion, host_congestion
     from bench.lab import make_lab, remove_lab
 
     # One the namespaces would not have anyway: they inherit the host's default.

@@ -9,6 +9,7 @@ tests capture on the router's client-facing interface to see what left the clien
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -29,6 +30,24 @@ CLIENT4, ROUTER4_C, ROUTER4_S, SERVER4 = "10.77.1.2", "10.77.1.1", "10.77.2.1", 
 CLIENT6, ROUTER6_C, ROUTER6_S, SERVER6 = "fd77:1::2", "fd77:1::1", "fd77:2::1", "fd77:2::2"
 PROXY_PORT = 3128
 
+_CONGESTION = Path("/proc/sys/net/ipv4")
+
+
+def available_congestion() -> list[str]:
+    """The congestion controls the kernel has loaded (any namespace's routes may use them)."""
+    try:
+        return (_CONGESTION / "tcp_available_congestion_control").read_text().split()
+    except OSError:
+        return []
+
+
+def host_congestion() -> str:
+    """The host's default congestion control, which new namespaces inherit."""
+    try:
+        return (_CONGESTION / "tcp_congestion_control").read_text().strip()
+    except OSError:
+        return "?"
+
 
 @dataclass
 class Lab:
@@ -43,6 +62,43 @@ class Lab:
     proxy_conf: dict = field(default_factory=dict)
     vpn: subprocess.Popen | None = None
     vpn_state: Path | None = None
+    congestion: str = "host"
+    """The lab's TCP congestion control: set_congestion()'s, or "host" (the host's default)."""
+
+    # ------------------------------------------------------------- TCP
+
+    def set_congestion(self, algo: str) -> None:
+        """Make every TCP socket of the lab use congestion control ``algo``.
+
+        A namespace's sockets take the host's default (net.ipv4.tcp_congestion_control
+        is copied from the host's namespace), and a namespace may only choose a default
+        from tcp_allowed_congestion_control, which need not have cubic, Linux's own
+        default. A route's ``congctl`` has no such limit, and connect() and accept()
+        both take it from the route to the peer: so every route of the lab gets it
+        (routes added later too: :meth:`route_options`).
+        """
+        self.congestion = algo
+        for ns in (self.client, self.router, self.server):
+            for family in ("-4", "-6"):
+                routes = json.loads(ns.run("ip", "-j", family, "route", "show", "table", "all")
+                                    .stdout or "[]")
+                for route in routes:
+                    kind = route.get("type", "unicast")
+                    # Local routes too: they are what a socket accepted from this host's
+                    # own address takes (redsocks' side of a redirected connection).
+                    if kind not in ("unicast", "local") or route["dst"].startswith("fe80:"):
+                        continue
+                    spec = [kind, route["dst"]]
+                    for key, word in (("gateway", "via"), ("dev", "dev"), ("table", "table"),
+                                      ("protocol", "proto"), ("scope", "scope"),
+                                      ("prefsrc", "src"), ("metric", "metric")):
+                        if key in route:
+                            spec += [word, str(route[key])]
+                    ns.run("ip", family, "route", "replace", *spec, *self.route_options())
+
+    def route_options(self) -> list[str]:
+        """What a route added to the lab needs: its congestion control, if one is set."""
+        return [] if self.congestion == "host" else ["congctl", self.congestion]
 
     # ------------------------------------------------------------- the proxy
 
