@@ -210,6 +210,35 @@ def test_queued_writes_keep_the_bytes_of_the_moment_they_were_written() -> None:
     run(body())
 
 
+def test_queued_bytes_are_held_as_they_are_not_copied() -> None:
+    """What the socket did not take waits as the writer's own bytes (or views of them):
+    an upload through a slower proxy queues most of its bytes, and a copy of each was
+    proxyvpn's largest user-space cost there. Mutable buffers are copied (test above),
+    and so are short writes, into one buffer."""
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        async with pair() as (transport, protocol, peer):
+            fill = random.Random(6).randbytes(32 * 1024 * 1024)
+            transport.write(fill)
+            assert transport.get_write_buffer_size() > 0  # the peer reads nothing yet
+            packet = random.Random(7).randbytes(65536)
+            transport.writelines([memoryview(packet)[52:], b"end"])
+            queue = list(transport._buffer)
+            assert queue[0].obj is fill  # the unsent rest of it, as a view
+            assert queue[1].obj is packet
+            # Short writes are copied together: 100,000 of them do not make a queue of
+            # 100,000 objects (each 3-byte write held as is would cost ~100 bytes more).
+            tiny = [bytes([i % 256]) for i in range(100_000)]
+            transport.writelines(tiny)
+            assert len(transport._buffer) < 6
+            assert transport.get_write_buffer_size() == sum(map(len, transport._buffer))
+            transport.write_eof()
+            received = await read_all(loop, peer)
+            assert received == fill + packet[52:] + b"end" + b"".join(tiny)
+
+    run(body())
+
+
 def test_reset_while_data_is_buffered_is_connection_lost_with_the_error() -> None:
     async def body() -> None:
         async with pair() as (transport, protocol, peer):
