@@ -239,6 +239,48 @@ def test_queued_bytes_are_held_as_they_are_not_copied() -> None:
     run(body())
 
 
+def test_queued_writes_of_any_buffer_kind_arrive_as_written() -> None:
+    """Large mutable buffers (and read-only views of them) are copied, a view the writer
+    releases afterwards is still sent, a view of another item size counts in bytes: the
+    queue's byte count stays the sum of what it holds while the peer reads in small steps."""
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        async with pair() as (transport, protocol, peer):
+            rng = random.Random(8)
+            fill = rng.randbytes(32 * 1024 * 1024)
+            transport.write(fill)
+            assert transport.get_write_buffer_size() > 0  # the peer reads nothing yet
+            big = bytearray(rng.randbytes(8192))
+            readonly = bytearray(rng.randbytes(8192))
+            words = rng.randbytes(16384)
+            released = rng.randbytes(8192)
+            expected = fill + bytes(big) + bytes(readonly) + words + released + b"tail"
+            transport.write(big)
+            transport.writelines([memoryview(readonly).toreadonly(),
+                                  memoryview(words).cast("I")])
+            with memoryview(released) as view:
+                transport.write(view)
+            transport.write(b"tail")
+            big[:] = bytes(8192)
+            readonly[:] = bytes(8192)
+
+            def consistent() -> bool:
+                queue = transport._buffer or ()
+                return transport.get_write_buffer_size() == sum(map(len, queue))
+
+            assert consistent()
+            received = bytearray()
+            while len(received) < len(expected):
+                chunk = await loop.sock_recv(peer, rng.randrange(1, 3 * 65536))
+                assert chunk
+                received += chunk
+                assert consistent()
+            assert received == expected
+            assert transport.get_write_buffer_size() == 0
+
+    run(body())
+
+
 def test_reset_while_data_is_buffered_is_connection_lost_with_the_error() -> None:
     async def body() -> None:
         async with pair() as (transport, protocol, peer):
