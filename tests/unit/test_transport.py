@@ -189,7 +189,8 @@ def test_writelines_partial_sends_keep_order_and_bytes() -> None:
 
 def test_queued_writes_keep_the_bytes_of_the_moment_they_were_written() -> None:
     """asyncio lets a writer reuse its buffer as soon as write() returns, so what the
-    socket did not take must not change with it (a queue of views would)."""
+    socket did not take must not change with it (a queue of views of them would: mutable
+    buffers are copied)."""
     async def body() -> None:
         loop = asyncio.get_running_loop()
         async with pair() as (transport, protocol, peer):
