@@ -81,9 +81,10 @@ def _holdable(chunk: bytes | bytearray | memoryview) -> bool:
 
 
 def _flat(chunk: bytes | bytearray | memoryview) -> bytes | bytearray | memoryview:
-    """``chunk`` with len() in bytes, and never the caller's own view (which it may release
-    while we still hold it): a view of another format or shape is cast to bytes, or copied
-    if it is not contiguous."""
+    """``chunk`` as the queue keeps it: len() in bytes, and never the caller's own view
+    (which it may release while we still hold it); a view of another format or shape is
+    cast to bytes, or copied if it is not contiguous. A send straight to the socket needs
+    none of this (the kernel takes any buffer; TunnelProtocol writes bytes-sized items)."""
     if type(chunk) is bytes or type(chunk) is bytearray:
         return chunk
     view = memoryview(chunk)
@@ -259,7 +260,6 @@ class SocketTransport(asyncio.Transport):
             raise RuntimeError("write() after write_eof()")
         if self._closing or not data:
             return  # closing: dropped silently (TunnelProtocol checks is_closing() itself)
-        data = _flat(data)
         if self._queued:
             self._queue((data,), 0)
             return
@@ -276,7 +276,7 @@ class SocketTransport(asyncio.Transport):
         for i in range(0, len(chunks), _IOV_BATCH):
             if self._closing:
                 return
-            batch = [c if type(c) is bytes else _flat(c) for c in chunks[i:i + _IOV_BATCH]]
+            batch = chunks[i:i + _IOV_BATCH]
             if self._queued:
                 self._queue(batch, 0)
                 continue
@@ -303,6 +303,7 @@ class SocketTransport(asyncio.Transport):
             buffer = self._buffer = deque()
         was_empty = not self._queued
         for chunk in chunks:
+            chunk = _flat(chunk)
             n = len(chunk)
             if skip >= n:
                 skip -= n

@@ -30,6 +30,14 @@ def run(coro) -> None:
     asyncio.run(asyncio.wait_for(coro, 20))
 
 
+def fill_socket(transport: SocketTransport, rng: random.Random) -> bytes:
+    """Write more than the socket takes (the peer reads nothing yet): later writes queue."""
+    fill = rng.randbytes(32 * 1024 * 1024)
+    transport.write(fill)
+    assert transport.get_write_buffer_size() > 0
+    return fill
+
+
 def test_data_both_ways_and_peer_half_close_keeps_writing_open() -> None:
     async def body() -> None:
         loop = asyncio.get_running_loop()
@@ -194,9 +202,7 @@ def test_queued_writes_keep_the_bytes_of_the_moment_they_were_written() -> None:
     async def body() -> None:
         loop = asyncio.get_running_loop()
         async with pair() as (transport, protocol, peer):
-            fill = random.Random(5).randbytes(32 * 1024 * 1024)
-            transport.write(fill)
-            assert transport.get_write_buffer_size() > 0  # the peer reads nothing yet
+            fill = fill_socket(transport, random.Random(5))
             scratch = bytearray(b"first")
             transport.write(scratch)
             scratch[:] = b"XXXXX"
@@ -219,9 +225,7 @@ def test_queued_bytes_are_held_as_they_are_not_copied() -> None:
     async def body() -> None:
         loop = asyncio.get_running_loop()
         async with pair() as (transport, protocol, peer):
-            fill = random.Random(6).randbytes(32 * 1024 * 1024)
-            transport.write(fill)
-            assert transport.get_write_buffer_size() > 0  # the peer reads nothing yet
+            fill = fill_socket(transport, random.Random(6))
             packet = random.Random(7).randbytes(65536)
             transport.writelines([memoryview(packet)[52:], b"end"])
             queue = list(transport._buffer)
@@ -248,9 +252,7 @@ def test_queued_writes_of_any_buffer_kind_arrive_as_written() -> None:
         loop = asyncio.get_running_loop()
         async with pair() as (transport, protocol, peer):
             rng = random.Random(8)
-            fill = rng.randbytes(32 * 1024 * 1024)
-            transport.write(fill)
-            assert transport.get_write_buffer_size() > 0  # the peer reads nothing yet
+            fill = fill_socket(transport, rng)
             big = bytearray(rng.randbytes(8192))
             readonly = bytearray(rng.randbytes(8192))
             words = rng.randbytes(16384)
