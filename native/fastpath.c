@@ -57,6 +57,10 @@ static const char *const drop_names[DROP_COUNT] = {
 #define DEFAULT_TTL 64
 #define IPV4_DF 0x4000
 #define MAX_IP_LEN 0xffffu
+/* An IPv4 GSO packet may be longer than its 16-bit length field can say ("BIG TCP",
+ * Linux 6.3+): the field is 0 and the skb's length counts. Up to the kernel's
+ * GSO_MAX_SIZE (8 * 65535, include/linux/netdevice.h). Same in wire.py. */
+#define BIG_IP_LEN_MAX 524280u
 #define MAX_TCP_OPTIONS 40 /* RFC 9293 §3.1: what the data offset can describe */
 #define MAX_SACK_BLOCKS 4  /* RFC 2018 §3: what 40 bytes of options can hold */
 /* virtio_net_hdr (include/uapi/linux/virtio_net.h), prepended to every packet read
@@ -657,7 +661,7 @@ static PyObject *emit(const flow_t *f, uint32_t seq, unsigned flags, const uint8
     if (f->family == 4) {
         p[0] = 0x45; /* version 4, IHL 5 */
         p[1] = 0;    /* TOS */
-        put16(p + 2, (unsigned)total);
+        put16(p + 2, total > MAX_IP_LEN ? 0 : (unsigned)total); /* BIG_IP_LEN_MAX */
         put16(p + 4, 0); /* ID 0 is fine with DF set: RFC 6864 §4.1 */
         put16(p + 6, IPV4_DF);
         p[8] = DEFAULT_TTL;
@@ -711,7 +715,8 @@ PyDoc_STRVAR(build_doc,
 "40 bytes of options.\n"
 "gso_size >= 0: prefix a virtio_net_hdr for an IFF_VNET_HDR TUN, leave the TCP\n"
 "checksum partial (NEEDS_CSUM), and mark a payload longer than gso_size (> 0) as\n"
-"TCP GSO with that segment size. split (with gso_size >= 0 and a payload): return\n"
+"TCP GSO with that segment size; an IPv4 GSO packet may be up to BIG_IP_LEN_MAX\n"
+"bytes, with 0 in its length field when it is over 65535 (BIG TCP). split (with gso_size >= 0 and a payload): return\n"
 "(headers, payload) -- the payload object itself, uncopied -- for write_batch.");
 
 static PyObject *fp_build(PyObject *Py_UNUSED(mod), PyObject *const *args, Py_ssize_t nargs,
@@ -804,7 +809,10 @@ static PyObject *fp_build(PyObject *Py_UNUSED(mod), PyObject *const *args, Py_ss
         goto done;
     }
     paylen = b.have_payload ? (size_t)b.payload.len : 0;
-    if (paylen > max_tcp_len(b.f.family) - 20 - optlen) {
+    /* Only a GSO packet (IPv4, for an IFF_VNET_HDR TUN, longer than one gso_size
+     * segment) may pass the length field; the kernel cuts it or takes it whole. */
+    if (paylen > (b.f.family == 4 && gso_size > 0 && paylen > (size_t)gso_size
+                      ? BIG_IP_LEN_MAX - 20 : max_tcp_len(b.f.family)) - 20 - optlen) {
         PyErr_SetString(PyExc_ValueError, "payload too long for the IP length field");
         goto done;
     }
@@ -1112,6 +1120,7 @@ static int fp_exec(PyObject *m)
         {"DROP_BAD_ADDRESS", DROP_BAD_ADDRESS},
         {"READ_BATCH_MAX_BYTES", (long)READ_BATCH_MAX_BYTES},
         {"VNET_HDR_LEN", VNET_HDR_LEN},
+        {"BIG_IP_LEN_MAX", (long)BIG_IP_LEN_MAX},
     };
     PyObject *reasons;
     size_t i;

@@ -27,6 +27,7 @@ DROP_BAD_ADDRESS: Final[int]
 DROP_REASONS: Final[tuple[str, ...]]
 READ_BATCH_MAX_BYTES: Final[int]
 VNET_HDR_LEN: Final[int]
+BIG_IP_LEN_MAX: Final[int]
 
 # (family, src, dst, sport, dport, seq, ack, flags, window,
 #  payload_start, payload_end, mss, wscale, sack_permitted, tsval, tsecr)

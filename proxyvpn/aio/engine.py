@@ -44,12 +44,23 @@ send it, which no loss on a TUN explains for that long."""
 READ_BATCH = 64
 """Packets read per reader wake-up: amortises the callback without starving timers."""
 
+BIG_SEGMENTS = 4
+"""send_mss per segment of new data to an IPv4 app, where the kernel takes more than 64 KiB
+in one GSO packet (TunHandle.big_ipv4): a whole proxy read of 4 x 64 KiB
+(SocketTransport.read_in_units) goes in one TUN write, one pass through the app's receive
+path and about one ACK, where it took four of each. Within what pcap readers take (256
+KiB); an allocation of 8 x 32 KiB pages in the kernel."""
+
+_MAX_PLAIN_WRITE = 0xFFFF + fast.VNET_HDR_LEN
+"""The longest TUN write that is not an IPv4 GSO packet over 64 KiB."""
+
 
 class Engine:
     """Owns the flow table and drives every TcpConnection from TUN packets and timers."""
 
     def __init__(self, config: Config, endpoint: ProxyEndpoint, tun_fd: int,
-                 *, vnet: bool = False, pcap_path: Path | None = None,
+                 *, vnet: bool = False, big_ipv4: bool = False,
+                 pcap_path: Path | None = None,
                  poller: BusyPollSelector | None = None) -> None:
         self.config = config
         self.poller = poller
@@ -58,6 +69,9 @@ class Engine:
         self.fd = tun_fd
         self.vnet = vnet
         """The TUN has IFF_VNET_HDR + offload: 64 KiB segments both ways (system/tun.py)."""
+        self.big_ipv4 = vnet and big_ipv4
+        """IPv4 flows send segments of BIG_SEGMENTS x 64 KiB to the apps (BIG TCP; off for
+        good once the kernel refuses one: _refused())."""
         self._read_size = 65536 + (64 if vnet else 0)  # an IPv6 GSO packet may exceed 64 KiB a little
         self.wire = fast.select(pure=config.pure_python)
         self.params = TcpParams(mss=config.mtu - 60 if config.ipv6 else config.mtu - 40)
@@ -264,6 +278,8 @@ class Engine:
         conn = TcpConnection(self.params, iss=self._isn.next(), irs=seq, peer_window=window,
                              peer_mss=mss, peer_wscale=wscale, peer_sack_permitted=bool(sack_ok),
                              now=now, peer_tsval=tsval)
+        if family == 4 and self.big_ipv4:
+            conn.set_segment_limit(BIG_SEGMENTS)
         flow = Flow(self, key, family, conn, dst_ip, dport, gso_size)
         self.flows[key] = flow
         self.stats["flows_opened"] += 1
@@ -385,24 +401,50 @@ class Engine:
         if self._backlog:
             self._backlog.extend(packets)
             return
-        try:
-            written = self.wire.write_batch(self.fd, packets)
-        except OSError as exc:
-            # The kernel refused one packet (e.g. EINVAL for a bogus one): count it, go on.
-            self.stats["tun_write_errors"] += 1
-            log.debug("TUN write failed: %s", errno.errorcode.get(exc.errno or 0, exc))
-            return
-        if written < len(packets):
-            self._backlog = packets[written:]
+        if self._send(packets):
             self._loop.add_writer(self.fd, self._on_writable)
 
     def _on_writable(self) -> None:
         backlog, self._backlog = self._backlog, []
-        written = self.wire.write_batch(self.fd, backlog)
-        if written < len(backlog):
-            self._backlog = backlog[written:]
-        else:
+        if not self._send(backlog):
             self._loop.remove_writer(self.fd)
+
+    def _send(self, packets: list[bytes | tuple]) -> bool:
+        """Write what the TUN takes; keep the rest as the backlog. True if there is one."""
+        while True:
+            try:
+                written = self.wire.write_batch(self.fd, packets)
+            except OSError as exc:
+                # The kernel refused one packet (e.g. EINVAL for a bogus one): count it,
+                # go on with the rest (the stack resends what is lost).
+                written = getattr(exc, "packets_written", 0)
+                self.stats["tun_write_errors"] += 1
+                log.debug("TUN write failed: %s", errno.errorcode.get(exc.errno or 0, exc))
+                self._refused(packets[written])
+                packets = packets[written + 1:]
+                continue
+            if written < len(packets) and _length(packets[written]) > _MAX_PLAIN_WRITE:
+                # ENOBUFS: the kernel found no memory for an skb that large (its pages
+                # come from high-order allocations), which waiting may not cure.
+                self.stats["tun_write_errors"] += 1
+                self._refused(packets[written])
+                packets = packets[written + 1:]
+                continue
+            break
+        self._backlog = packets[written:]
+        return bool(self._backlog)
+
+    def _refused(self, packet: bytes | tuple) -> None:
+        """The TUN refused ``packet``: if it was over 64 KiB, send none that large again
+        (the flows resend it at send_mss, as any segment lost)."""
+        if not self.big_ipv4 or _length(packet) <= _MAX_PLAIN_WRITE:
+            return
+        self.big_ipv4 = False
+        self.stats["tun_big_refused"] += 1
+        for flow in self.flows.values():
+            flow.conn.set_segment_limit(1)
+        log.warning("the kernel refused a %d-byte TUN write: segments of at most 64 KiB "
+                    "from now on", _length(packet))
 
     # ------------------------------------------------------------------ timers
 
@@ -491,6 +533,11 @@ def _superseded(a: tuple | int, b: tuple | int | None) -> bool:
             and 0 < (b[6] - a[6]) & 0xFFFFFFFF < 0x80000000)
 
 
+def _length(packet: bytes | tuple) -> int:
+    """Bytes of one packet as write_batch() takes it: bytes, or (headers, payload)."""
+    return len(packet) if type(packet) is not tuple else sum(len(part) for part in packet)
+
+
 def _open_pcap(path: Path, vnet: bool = False) -> Any:
     """A pcap writer of raw IP packets. With `vnet` (an offloaded TUN) each packet's
     virtio_net_hdr is stripped and a partial TCP checksum completed, so that Wireshark
@@ -498,7 +545,9 @@ def _open_pcap(path: Path, vnet: bool = False) -> Any:
     import dpkt
 
     fh = os.fdopen(_create_private(path), "wb")  # closed in Engine.stop
-    return _Pcap(dpkt.pcap.Writer(fh, snaplen=65535, linktype=dpkt.pcap.DLT_RAW), vnet)
+    # 262144: what libpcap and Wireshark read at most, above an IPv4 segment of
+    # BIG_SEGMENTS x 64 KiB (its length field 0: Wireshark takes it as TSO).
+    return _Pcap(dpkt.pcap.Writer(fh, snaplen=262144, linktype=dpkt.pcap.DLT_RAW), vnet)
 
 
 class _Pcap:
@@ -579,7 +628,8 @@ async def run_engine(config: Config, plan: Any, tun: Any, state_dir: Path,
     endpoint = ProxyEndpoint(scheme=cast(Any, config.proxy.scheme), host=config.proxy.host,
                              port=config.proxy.port, addresses=tuple(plan.proxy_ips),
                              credentials=config.proxy.credentials)
-    engine = Engine(config, endpoint, tun.fd, vnet=tun.vnet, pcap_path=config.pcap, poller=poller)
+    engine = Engine(config, endpoint, tun.fd, vnet=tun.vnet, big_ipv4=tun.big_ipv4,
+                    pcap_path=config.pcap, poller=poller)
     memory.tune()
     loop = asyncio.get_running_loop()
     stopped = asyncio.get_running_loop().create_future()

@@ -20,6 +20,7 @@ from proxyvpn.netstack import wire
 
 __all__ = [
     "ACK",
+    "BIG_IP_LEN_MAX",
     "CWR",
     "DROP_BAD_ADDRESS",
     "DROP_BAD_IP_CHECKSUM",
@@ -96,6 +97,7 @@ DROP_BAD_ADDRESS: int = _impl.DROP_BAD_ADDRESS
 DROP_REASONS: tuple[str, ...] = _impl.DROP_REASONS
 READ_BATCH_MAX_BYTES: int = _impl.READ_BATCH_MAX_BYTES
 VNET_HDR_LEN: int = _impl.VNET_HDR_LEN
+BIG_IP_LEN_MAX: int = _impl.BIG_IP_LEN_MAX
 
 checksum = _impl.checksum
 parse = _impl.parse

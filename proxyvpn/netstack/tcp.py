@@ -327,6 +327,7 @@ class TcpConnection:
         "_snd_shift",
         "_rcv_shift",
         "_smss",
+        "_seg_max",
         "_max_snd_wnd",
         "_sndbuf",
         "_sndbuf_start",
@@ -438,6 +439,7 @@ class TcpConnection:
         self._smss = min(params.mss, peer_mss if peer_mss > 0 else _DEFAULT_MSS)
         if self._ts_ok:  # never below 1: a zero MSS would stall the sender
             self._smss = max(self._smss - TS_OPTION_LEN, 1)
+        self._seg_max = self._smss
 
         # Send side, unwrapped positions: 0 = our SYN, data from 1.
         self.snd_una = 0
@@ -550,6 +552,23 @@ class TcpConnection:
         """Largest payload we put in one segment: min(app's MSS, our MSS), less the
         Timestamps option when it is on."""
         return self._smss
+
+    @property
+    def segment_max(self) -> int:
+        """Largest payload of a segment of new data: send_mss times set_segment_limit()."""
+        return self._seg_max
+
+    def set_segment_limit(self, segments: int) -> None:
+        """Let a segment of new data hold up to ``segments`` times send_mss.
+
+        For a TUN whose kernel cuts GSO packets itself (IFF_VNET_HDR): local TCP takes
+        such a packet whole, so one of 4 x 64 KiB costs one write, one trip through the
+        app's receive path and about one ACK instead of four. Retransmissions stay at
+        send_mss, so a TUN that refused the large packet still gets the data through.
+        """
+        if segments < 1:
+            raise ValueError(f"segments must be >= 1, got {segments}")
+        self._seg_max = self._smss * segments
 
     @property
     def timestamps(self) -> bool:
@@ -1640,8 +1659,10 @@ class TcpConnection:
                     cwnd_limit += (sb_hi[i] if sb_hi[i] < nxt else nxt) - sb_lo[i]
             limit = cwnd_limit if cwnd_limit < edge else edge
             snd_max = self.snd_max
+            seg_max = self._seg_max
             while nxt < seq_end:
-                cap = smss
+                # Resends (go-back-N after a timeout) at send_mss: see set_segment_limit().
+                cap = seg_max if nxt >= snd_max else smss
                 if nxt < snd_max and sb_lo:
                     # A resend (go-back-N after a timeout): skip what the app has SACKed.
                     # It is not in flight either, so it leaves its share of cwnd.

@@ -119,6 +119,9 @@ _IPV6_FRAGMENT = 44
 _TTL = 64
 _IPV4_DF = 0x4000
 _MAX_IP_LEN = 0xFFFF
+BIG_IP_LEN_MAX = 524_280
+"""Longest IPv4 GSO packet build() makes: the kernel's GSO_MAX_SIZE (8 * 65535). Over
+65535 bytes its length field is 0 and the skb's length counts (BIG TCP, Linux 6.3+)."""
 _U32 = 0xFFFFFFFF
 _U64 = 0xFFFFFFFFFFFFFFFF
 
@@ -189,7 +192,8 @@ def _pseudo_sum(src: bytes, dst: bytes, tcp_len: int) -> int:
     """A number congruent to the TCP pseudo-header word sum (RFC 9293 §3.1, RFC 8200 §8.1).
 
     Both layouts reduce to src + dst + protocol + upper-layer length, because the zero
-    bytes contribute nothing and the IPv6 32-bit length is < 2**16 here. Like
+    bytes contribute nothing; a length over 16 bits (an IPv4 GSO packet, whose segments
+    the kernel sums anew) adds as a 32-bit one, as in the kernel's csum_tcpudp_magic(). Like
     _sum_bytes() it is a congruent big int, for _fold(), not a valid checksum() initial.
     """
     return int.from_bytes(src, "big") + int.from_bytes(dst, "big") + _PROTO_TCP + tcp_len
@@ -464,7 +468,9 @@ def _emit(
     ip_hlen = 20 if family == 4 else 40
     pkt = bytearray(ip_hlen + tcp_len)
     if family == 4:
-        _IPV4_HDR.pack_into(pkt, 0, 0x45, 0, ip_hlen + tcp_len, 0, _IPV4_DF, _TTL, 6, 0, src, dst)
+        total = ip_hlen + tcp_len
+        _IPV4_HDR.pack_into(pkt, 0, 0x45, 0, total if total <= _MAX_IP_LEN else 0, 0,
+                            _IPV4_DF, _TTL, 6, 0, src, dst)
         pkt[10:12] = _fold(_sum_bytes(memoryview(pkt)[:20])).to_bytes(2, "big")
     else:
         _IPV6_HDR.pack_into(pkt, 0, 6 << 28, tcp_len, _PROTO_TCP, _TTL, src, dst)
@@ -518,7 +524,8 @@ def build(
     ``gso_size >= 0``: for an IFF_VNET_HDR TUN. The packet gets a virtio_net_hdr
     prefix and a partial TCP checksum (NEEDS_CSUM: the kernel takes CHECKSUM_PARTIAL
     as verified for local delivery and completes it if the packet is forwarded), and a
-    payload longer than ``gso_size`` (> 0, the app's MSS) is marked TCP GSO.
+    payload longer than ``gso_size`` (> 0, the app's MSS) is marked TCP GSO. An IPv4 GSO
+    packet may be up to BIG_IP_LEN_MAX bytes long: over 65535 its length field is 0.
 
     ``split`` (with ``gso_size >= 0`` and a payload, where the checksum is partial and
     never reads the payload): ``(headers, payload)`` -- the payload object itself,
@@ -541,7 +548,9 @@ def build(
     gso = _int(gso_size, -1, 0xFFFF, "gso_size")
     want_split = bool(split)  # here, where the C version evaluates it
     opts = _tcp_options(ms, ws, sackok, tsv, tse, blocks)
-    if 20 + len(opts) + len(pl) > _max_tcp_len(fam):
+    # Only a GSO packet (IPv4, longer than one gso_size segment) may pass the length field.
+    big = fam == 4 and 0 < gso < len(pl)
+    if 20 + len(opts) + len(pl) > (BIG_IP_LEN_MAX - 20 if big else _max_tcp_len(fam)):
         raise ValueError("payload too long for the IP length field")
     pkt = _emit(fam, s, d, struct.pack("!HH", sp, dp), sq, ak, fl, win, opts, pl, gso)
     if want_split and gso >= 0 and len(pl):

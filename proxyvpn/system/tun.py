@@ -10,6 +10,7 @@ import errno
 import fcntl
 import logging
 import os
+import re
 import socket
 import struct
 from dataclasses import dataclass, field
@@ -49,6 +50,9 @@ class TunHandle:
     over (and takes) 64 KiB TCP segments with partial checksums (TSO/GSO offload)."""
     _device: object = field(repr=False)
     """The pytun_pmd3 TunTapDevice owning the fd (kept so it is not garbage collected)."""
+    big_ipv4: bool = False
+    """With vnet: the kernel takes IPv4 GSO packets longer than 64 KiB from us
+    (takes_big_ipv4())."""
 
     @property
     def closed(self) -> bool:
@@ -73,6 +77,20 @@ def _set_txqueuelen(name: str, qlen: int) -> None:
     """SIOCSIFTXQLEN on the interface (struct ifreq: name, int)."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         fcntl.ioctl(sock, 0x8943, struct.pack("16si12x", name.encode(), qlen))
+
+
+BIG_IPV4_SINCE = (6, 3)
+"""Linux 6.3 (IPv4 BIG TCP) reads an IPv4 GSO packet's length from the skb when its length
+field is 0 (iph_totlen() in ip_rcv_core() and netfilter). Before, such a packet is
+dropped as malformed, without an error to the writer."""
+
+
+def takes_big_ipv4(release: str | None = None) -> bool:
+    """Whether this kernel (``release``: as in uname -r) takes IPv4 GSO packets over 64 KiB
+    written to a TUN. IPv6 segments stay within 64 KiB: the kernel's IPv6 BIG TCP packets
+    carry a Hop-by-Hop jumbo option (RFC 2675), a different format, not taken up here."""
+    m = re.match(r"(\d+)\.(\d+)", release if release is not None else os.uname().release)
+    return m is not None and (int(m[1]), int(m[2])) >= BIG_IPV4_SINCE
 
 
 def _enable_offload(fd: int) -> None:
@@ -124,5 +142,7 @@ def open_tun(name: str, mtu: int, offload: bool = True) -> TunHandle:
         raise OSError(exc.errno or errno.EIO,
                       f"cannot set MTU {mtu} on {name}: {os.strerror(exc.errno or errno.EIO)}"
                       ) from exc
-    log.debug("opened TUN %s (fd %d, mtu %d, offload %s)", device.name, fd, mtu, vnet)
-    return TunHandle(device.name, fd, vnet, device)
+    big = vnet and takes_big_ipv4()
+    log.debug("opened TUN %s (fd %d, mtu %d, offload %s, IPv4 segments over 64 KiB %s)",
+              device.name, fd, mtu, vnet, big)
+    return TunHandle(device.name, fd, vnet, device, big)

@@ -9,6 +9,7 @@ import json
 import os
 import select
 import signal
+import struct
 import subprocess
 import threading
 import time
@@ -19,6 +20,8 @@ from impair import impair
 from topology import PROXY_PORT, PYTHON, ROUTER4_C, ROUTER6_C, SERVER4, SERVER6, until
 
 from bench.procstat import cpu_seconds
+from proxyvpn.aio.engine import BIG_SEGMENTS
+from proxyvpn.system.tun import takes_big_ipv4
 
 MB = 1 << 20
 
@@ -526,14 +529,31 @@ def test_offload_moves_64k_segments_both_ways(lab):
     assert lab.stop_vpn() == 0
 
 
+def _payload_sizes(pcap) -> list[int]:
+    """TCP payload bytes of each packet in a raw-IP capture taken with a short snaplen, from
+    each record's original length: an IPv4 segment over 64 KiB says 0 in its length field."""
+    data = pcap.read_bytes()
+    order = "<" if data[:4] in (b"\xd4\xc3\xb2\xa1", b"\x4d\x3c\xb2\xa1") else ">"
+    sizes, at = [], 24
+    while at + 16 <= len(data):
+        incl, orig = struct.unpack_from(order + "II", data, at + 8)
+        ip = data[at + 16 : at + 16 + incl]
+        ip_hlen = 4 * (ip[0] & 0x0F) if ip[0] >> 4 == 4 else 40
+        sizes.append(orig - ip_hlen - 4 * (ip[ip_hlen + 12] >> 4))
+        at += 16 + incl
+    return sizes
+
+
 def test_a_streaming_download_through_squid_is_written_in_whole_segments(lab):
     """Squid writes ~100 KB at a time. While it streams, each wake-up reads a whole read
     (SO_RCVLOWAT) and a read is a whole number of the app's segments
-    (SocketTransport.read_in_units), so nearly every byte goes in a full 64 KiB segment:
-    no runt after each read (a 256 KiB read would leave 256 KiB mod the segment size),
-    few half-full segments between squid's writes. Counted by size on a capture of tun0:
-    the average alone varied with how often the mark came down in a run (55-64 KB a
-    packet on one host, against ~51 KB without read_in_units)."""
+    (SocketTransport.read_in_units), so nearly every byte goes in a full segment: no runt
+    after each read (a 256 KiB read would leave 256 KiB mod the segment size), few
+    half-full segments between squid's writes. Where the kernel takes IPv4 GSO packets
+    over 64 KiB (Linux 6.3+), a full segment is a whole read of 4 x 64 KiB, in one TUN
+    write (Engine.BIG_SEGMENTS). Counted by size on a capture of tun0: the average alone
+    varied with how often the mark came down in a run (55-64 KB a packet on one host,
+    against ~51 KB without read_in_units)."""
     lab.start_squid()
     lab.start_server()
     lab.start_vpn()
@@ -546,20 +566,23 @@ def test_a_streaming_download_through_squid_is_written_in_whole_segments(lab):
     time.sleep(0.3)
     os.killpg(dump.pid, signal.SIGINT)
     dump.wait(10)
-    sizes = []
-    with open(pcap, "rb") as fh:
-        for _, buf in dpkt.pcap.Reader(fh):
-            ip = dpkt.ip.IP(buf)
-            sizes.append(ip.len - 4 * ip.hl - 4 * ip.data.off)
+    sizes = _payload_sizes(pcap)
     full = max(sizes)
     in_full = sum(n for n in sizes if n == full) / sum(sizes)
     runts = sizes.count(262_144 % full)
     print(f"{len(sizes)} packets, {full} bytes full, {in_full:.1%} of the bytes in full ones, "
           f"{runts} of {262_144 % full} bytes")
+    # Our send MSS: the TUN's MTU less IPv6 and TCP headers (a stack for both families),
+    # less the Timestamps option.
+    assert full == (BIG_SEGMENTS if takes_big_ipv4() else 1) * (65_535 - 60 - 12), full
     assert sum(sizes) >= 64 * MB
     assert runts < 25, runts  # without read_in_units: one after every full read, ~250
     # Without the mark, reads of ~112 KB: one full segment and a ~47 KB one each.
     assert in_full > 0.85, in_full
+    # Every segment taken the first time: nothing refused, nothing sent again.
+    assert until(lambda: lab.stats().get("flows_closed", 0) >= 1), lab.stats()
+    stats = lab.stats()
+    assert stats.get("tun_big_refused", 0) == 0 and stats.get("retransmits", 0) == 0, stats
     assert lab.stop_vpn() == 0
 
 

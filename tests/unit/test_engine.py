@@ -280,3 +280,58 @@ def test_a_reply_that_came_with_the_proxys_fin_goes_out_in_one_segment(with_the_
             assert payloads == [100, 0]
         assert lab.flow.conn.state.name == "FIN_WAIT_1"
     _run_lab(body)
+
+
+# ---------------------------------------------------------------- segments over 64 KiB
+
+def test_a_refused_write_over_64_kib_ends_large_segments_and_the_batch_goes_on(caplog):
+    """A kernel that refuses a GSO packet over 64 KiB (here a SOCK_SEQPACKET socket whose
+    send buffer is too small for it: EMSGSIZE, a real refusal) costs that packet only:
+    the packets around it are written, and no segment that large is made again."""
+    async def body() -> None:
+        ours, tun_side = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        ours.setblocking(False)
+        ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 100_000)  # the kernel doubles it
+        tun_side.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        engine = engine_module.Engine(Config(proxy=None), UNUSED_PROXY, ours.fileno(),
+                                      vnet=True, big_ipv4=True)
+        assert engine.big_ipv4
+        small = [wire.build(4, DST, SRC, 443, 40000, 1, 1, wire.ACK, 100, b"s" * 60_000,
+                            gso_size=1448) for _ in range(2)]
+        big = wire.build(4, DST, SRC, 443, 40000, 1, 1, wire.ACK, 100, b"b" * 250_000,
+                         gso_size=1448)
+        engine._write([small[0], (big[:100], big[100:]), small[1]])
+        got = []
+        while True:
+            try:
+                got.append(tun_side.recv(1 << 19))
+            except BlockingIOError:
+                break
+            tun_side.setblocking(False)
+        assert got == small
+        assert not engine.big_ipv4
+        assert (engine.stats["tun_big_refused"], engine.stats["tun_write_errors"]) == (1, 1)
+        engine._write([big])  # refused again: counted, nothing more to switch off
+        assert (engine.stats["tun_big_refused"], engine.stats["tun_write_errors"]) == (1, 2)
+        ours.close()
+        tun_side.close()
+
+    with caplog.at_level("WARNING", logger="proxyvpn.aio"):
+        asyncio.run(body())
+    assert [r.getMessage() for r in caplog.records] == [
+        "the kernel refused a 250050-byte TUN write: segments of at most 64 KiB from now on"]
+
+
+def test_only_ipv4_flows_of_an_engine_with_large_segments_get_them():
+    """Engine.big_ipv4 needs the vnet header too (the GSO packet is described in it)."""
+    async def body() -> None:
+        ours, tun_side = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        for vnet, big, expected in ((True, True, True), (False, True, False),
+                                    (True, False, False)):
+            engine = engine_module.Engine(Config(proxy=None), UNUSED_PROXY, ours.fileno(),
+                                          vnet=vnet, big_ipv4=big)
+            assert engine.big_ipv4 is expected
+        ours.close()
+        tun_side.close()
+
+    asyncio.run(body())

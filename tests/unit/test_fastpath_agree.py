@@ -487,3 +487,45 @@ def test_build_checks_split_before_the_options_in_both() -> None:
     kind, exc = same("build", 4, b"\x0a\x00\x00\x01", b"\x0a\x00\x00\x02", 1, 2, 3, 4, 0x10, 5,
                      tsval=0, sack=(1, 2) * 4, split=Unanswerable())
     assert (kind, exc) == ("raise", RuntimeError)
+
+
+V4_SRC, V4_DST = socket.inet_aton("10.0.0.1"), socket.inet_aton("10.9.9.9")
+V6_SRC, V6_DST = socket.inet_pton(socket.AF_INET6, "fd00::1"), socket.inet_pton(
+    socket.AF_INET6, "fd00::9")
+
+
+@pytest.mark.parametrize("family", [4, 6])
+@pytest.mark.parametrize("gso_size", [-1, 0, 1448])
+@pytest.mark.parametrize("over", [0, 1, 200_000, P.BIG_IP_LEN_MAX - 0xFFFF, P.BIG_IP_LEN_MAX - 0xFFFF + 1])
+def test_build_past_the_ip_length_field_agrees(family: int, gso_size: int, over: int) -> None:
+    """Beyond 65535 bytes only an IPv4 GSO packet may go (BIG TCP): its length field says 0,
+    up to BIG_IP_LEN_MAX; anything else is refused by both builders alike."""
+    assert C.BIG_IP_LEN_MAX == P.BIG_IP_LEN_MAX == 8 * 0xFFFF
+    src, dst = (V4_SRC, V4_DST) if family == 4 else (V6_SRC, V6_DST)
+    ip_hlen = 20 if family == 4 else 40
+    # over=0: the longest packet the length field describes (IPv4 counts its header in
+    # it, IPv6 does not).
+    paylen = 0xFFFF - 20 - (ip_hlen if family == 4 else 0) + over
+    payload = bytes(range(256)) * (paylen // 256) + bytes(paylen % 256)
+    kind, pkt = same("build", family, src, dst, 40000, 443, 7, 9, 0x18, 512, payload,
+                     gso_size=gso_size)
+    big_ok = family == 4 and gso_size > 0 and over <= P.BIG_IP_LEN_MAX - 0xFFFF
+    if over and not big_ok:
+        assert kind == "raise"
+        return
+    assert kind == "ok"
+    ip = pkt[P.VNET_HDR_LEN:] if gso_size >= 0 else pkt
+    length_field = struct.unpack_from("!H", ip, 2 if family == 4 else 4)[0]
+    if over:
+        assert length_field == 0 and len(ip) == 0xFFFF + over
+        flags, gso_type, hdr_len, gso, start, offset = VNET.unpack_from(pkt)
+        assert (flags, gso_type, hdr_len, gso, start, offset) == (1, 1, 40, gso_size, 20, 16)
+        # Completed as the kernel would, it is the sum over the pseudo-header with the
+        # 32-bit TCP length (csum_tcpudp_magic()) and the whole segment.
+        full = _complete(ip, start, offset)
+        tcp = bytearray(full[20:])
+        tcp[16:18] = b"\0\0"
+        pseudo = src + dst + b"\x00\x06" + struct.pack("!I", len(tcp))
+        assert struct.unpack_from("!H", full, 36)[0] == P.checksum(pseudo + tcp)
+    else:
+        assert length_field == 0xFFFF  # the longest either describes

@@ -1821,9 +1821,11 @@ def test_long_lossy_transfer_delivers_exact_bytes_both_ways(
         assert conn.probes > 0  # and so did the app's
 
 
-def _lossy_download_seconds(seed: int, mss: int, sack: bool, size: int = 2 * 1024 * 1024) -> float:
+def _lossy_download_seconds(seed: int, mss: int, sack: bool, size: int = 2 * 1024 * 1024,
+                            segments: int = 1) -> float:
     """Simulated seconds until the model app has every byte of a download sent through
-    LossyLink (5 % loss, 1 % duplication, 20 % reordering); exact bytes checked."""
+    LossyLink (5 % loss, 1 % duplication, 20 % reordering); exact bytes checked.
+    ``segments``: set_segment_limit() (new data in segments of that many MSS)."""
     rng = random.Random(seed)
     data = rng.randbytes(size)
     params = TcpParams(mss=mss, rcv_buf=1 << 20, snd_buf=1 << 20)
@@ -1833,6 +1835,7 @@ def _lossy_download_seconds(seed: int, mss: int, sack: bool, size: int = 2 * 102
     syn = model.syn()
     conn = TcpConnection(params, iss=ISS, irs=syn[0], peer_window=syn[3], peer_mss=mss,
                          peer_wscale=7, now=now, peer_sack_permitted=sack)
+    conn.set_segment_limit(segments)
     conn.accept(now)
     sent = 0
 
@@ -1853,6 +1856,42 @@ def _lossy_download_seconds(seed: int, mss: int, sack: bool, size: int = 2 * 102
         _exchange(now, link, conn, model, step)
     assert bytes(model.received) == data
     return now
+
+
+# ---------------------------------------------------------------- segments over the MSS
+
+def test_new_data_goes_in_segments_of_the_limit_and_resends_in_mss_ones() -> None:
+    """set_segment_limit(4): new data in segments of 4 x send_mss (a GSO packet the app's
+    kernel takes whole); what is sent again goes at send_mss, so a TUN that dropped the
+    large packet (a kernel without BIG TCP) still gets the bytes through."""
+    a = App(TcpParams(mss=1000, snd_buf=1 << 20), window=65535)
+    a.conn.set_segment_limit(4)
+    a.handshake()
+    assert a.conn.segment_max == 4000 and a.conn.send_mss == 1000
+    data = bytes(range(250)) * 36  # 9,000 bytes, within the initial window of 10 MSS
+    a.conn.send(data)
+    segs = a.out()
+    assert [(pos(s), len(s.payload)) for s in segs] == [(1, 4000), (4001, 4000), (8001, 1000)]
+    assert b"".join(bytes(s.payload) for s in segs) == data
+    # The first is lost: the app SACKs the rest; three duplicates start fast retransmit.
+    for _ in range(3):
+        a.seg(ack=1, sack=[(4001, 9001)])
+    resent = a.out()
+    assert [(pos(s), len(s.payload)) for s in resent][:1] == [(1, 1000)]
+    # Then a timeout: the go-back-N resends are MSS-sized too.
+    a.fire()
+    resent = a.out()
+    assert resent and all(len(s.payload) <= 1000 for s in resent), [len(s.payload) for s in resent]
+    with pytest.raises(ValueError):
+        a.conn.set_segment_limit(0)
+
+
+@pytest.mark.parametrize("sack", [True, False])
+def test_lossy_downloads_in_large_segments_arrive_whole(sack: bool) -> None:
+    """The lossy model (5 % loss of whole segments, duplication, reordering) with segments
+    of 4 MSS: every byte arrives, in order, for several seeds, with and without SACK."""
+    for seed in range(6):
+        _lossy_download_seconds(seed, 16384, sack=sack, size=1024 * 1024, segments=4)
 
 
 def test_sack_recovery_ends_lossy_downloads_sooner_than_newreno() -> None:
