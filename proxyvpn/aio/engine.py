@@ -54,6 +54,10 @@ KiB); an allocation of 8 x 32 KiB pages in the kernel."""
 _MAX_PLAIN_WRITE = 0xFFFF + fast.VNET_HDR_LEN
 """The longest TUN write that is not an IPv4 GSO packet over 64 KiB."""
 
+_REFUSALS = frozenset((errno.EMSGSIZE, errno.EINVAL, errno.ENOMEM, errno.ENOBUFS))
+"""How a kernel says a TUN write is too large for it (EMSGSIZE: more fragments than an skb
+holds, before Linux 6.6; ENOMEM/ENOBUFS: no pages for it)."""
+
 
 class Engine:
     """Owns the flow table and drives every TcpConnection from TUN packets and timers."""
@@ -415,14 +419,19 @@ class Engine:
             try:
                 written = self.wire.write_batch(self.fd, packets)
             except OSError as exc:
-                # The kernel refused one packet (e.g. EINVAL for a bogus one): count it,
-                # go on with the rest (the stack resends what is lost).
                 written = getattr(exc, "packets_written", 0)
                 self.stats["tun_write_errors"] += 1
                 log.debug("TUN write failed: %s", errno.errorcode.get(exc.errno or 0, exc))
-                self._refused(packets[written])
-                packets = packets[written + 1:]
-                continue
+                if exc.errno in _REFUSALS and _length(packets[written]) > _MAX_PLAIN_WRITE:
+                    # Too large for this kernel: that packet is lost (the stack resends
+                    # it as any loss), the rest goes.
+                    self._refused(packets[written])
+                    packets = packets[written + 1:]
+                    continue
+                # Refused for what it is (e.g. EINVAL for a bogus one) or the device is
+                # going (EIO, EBADF): count it, drop the batch, as any loss.
+                self._backlog = []
+                return False
             if written < len(packets) and _length(packets[written]) > _MAX_PLAIN_WRITE:
                 # ENOBUFS: the kernel found no memory for an skb that large (its pages
                 # come from high-order allocations), which waiting may not cure.
@@ -435,9 +444,9 @@ class Engine:
         return bool(self._backlog)
 
     def _refused(self, packet: bytes | tuple) -> None:
-        """The TUN refused ``packet``: if it was over 64 KiB, send none that large again
-        (the flows resend it at send_mss, as any segment lost)."""
-        if not self.big_ipv4 or _length(packet) <= _MAX_PLAIN_WRITE:
+        """The TUN refused ``packet``, over 64 KiB: send none that large again (the flows
+        resend it at send_mss, as any segment lost)."""
+        if not self.big_ipv4:
             return
         self.big_ipv4 = False
         self.stats["tun_big_refused"] += 1

@@ -1068,8 +1068,10 @@ class TcpConnection:
         else:
             self._dupacks = 0
             if self._cwnd < self._ssthresh:
-                # Slow start with RFC 3465 appropriate byte counting, L = 2*SMSS.
-                limit = 2 * smss * (1 + self._ack_credit)
+                # Slow start with RFC 3465 appropriate byte counting, L = 2*SMSS; of
+                # our segments, as the app ACKs about one a segment whatever its size
+                # (else larger segments would slow the doubling per round trip).
+                limit = 2 * self._seg_max * (1 + self._ack_credit)
                 self._cwnd += acked if acked < limit else limit
             else:
                 self._ca_acc += acked
@@ -1681,9 +1683,11 @@ class TcpConnection:
                     room = limit - nxt
                     if n > room:
                         # Sender SWS avoidance (RFC 9293 §3.8.6.2.1): a short
-                        # segment only if nothing is in flight or it is at least
-                        # half the largest window the app has offered.
-                        if room <= 0 or (nxt > una and room < self._max_snd_wnd >> 1):
+                        # segment (under send_mss: one over it is as full as any)
+                        # only if nothing is in flight or it is at least half the
+                        # largest window the app has offered.
+                        if room <= 0 or (nxt > una and room < smss
+                                         and room < self._max_snd_wnd >> 1):
                             break
                         n = room
                     end = nxt + n

@@ -79,15 +79,18 @@ def _set_txqueuelen(name: str, qlen: int) -> None:
         fcntl.ioctl(sock, 0x8943, struct.pack("16si12x", name.encode(), qlen))
 
 
-BIG_IPV4_SINCE = (6, 3)
-"""Linux 6.3 (IPv4 BIG TCP) reads an IPv4 GSO packet's length from the skb when its length
-field is 0 (iph_totlen() in ip_rcv_core() and netfilter). Before, such a packet is
-dropped as malformed, without an error to the writer."""
+BIG_IPV4_SINCE = (6, 6)
+"""Two kernel changes are needed. Linux 6.3 (IPv4 BIG TCP) reads an IPv4 GSO packet's
+length from the skb when its length field is 0 (iph_totlen() in ip_rcv_core() and
+netfilter); before, such a packet is dropped as malformed, without an error to the
+writer. And until alloc_skb_with_frags() learnt to fill its fragments with high-order
+pages (Linux 6.6), a TUN write of more than MAX_SKB_FRAGS pages of payload (~68 KiB)
+fails with EMSGSIZE (Engine._refused() would then end large segments at the first)."""
 
 
 def takes_big_ipv4(release: str | None = None) -> bool:
     """Whether this kernel (``release``: as in uname -r) takes IPv4 GSO packets over 64 KiB
-    written to a TUN. IPv6 segments stay within 64 KiB: IPv6 BIG TCP packets carried a
+    written to a TUN (BIG_IPV4_SINCE). IPv6 segments stay within 64 KiB: IPv6 BIG TCP packets carried a
     Hop-by-Hop jumbo option (RFC 2675) until Linux 7.0 dropped it for a 0 length field
     like IPv4's, so the format depends on the kernel; not taken up yet."""
     m = re.match(r"(\d+)\.(\d+)", release if release is not None else os.uname().release)

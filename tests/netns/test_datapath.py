@@ -550,7 +550,7 @@ def test_a_streaming_download_through_squid_is_written_in_whole_segments(lab):
     (SocketTransport.read_in_units), so nearly every byte goes in a full segment: no runt
     after each read (a 256 KiB read would leave 256 KiB mod the segment size), few
     half-full segments between squid's writes. Where the kernel takes IPv4 GSO packets
-    over 64 KiB (Linux 6.3+), a full segment is a whole read of 4 x 64 KiB, in one TUN
+    over 64 KiB (Linux 6.6+), a full segment is a whole read of 4 x 64 KiB, in one TUN
     write (Engine.BIG_SEGMENTS). Counted by size on a capture of tun0: the average alone
     varied with how often the mark came down in a run (55-64 KB a packet on one host,
     against ~51 KB without read_in_units)."""
@@ -577,8 +577,10 @@ def test_a_streaming_download_through_squid_is_written_in_whole_segments(lab):
     assert full == (BIG_SEGMENTS if takes_big_ipv4() else 1) * (65_535 - 60 - 12), full
     assert sum(sizes) >= 64 * MB
     assert runts < 25, runts  # without read_in_units: one after every full read, ~250
-    # Without the mark, reads of ~112 KB: one full segment and a ~47 KB one each.
-    assert in_full > 0.85, in_full
+    # Without the mark, reads of ~112 KB: one full segment and a ~47 KB one each (with
+    # segments of 4 x 64 KiB, none full). A read that comes below the mark (it was
+    # dropped) is one short segment: 4-19 % of the bytes in 10 runs of 4 x 64 KiB ones.
+    assert in_full > (0.75 if full > 0xFFFF else 0.85), in_full
     # Every segment taken the first time: nothing refused, nothing sent again.
     assert until(lambda: lab.stats().get("flows_closed", 0) >= 1), lab.stats()
     stats = lab.stats()

@@ -31,7 +31,7 @@ def test_pcap_records_both_directions(lab):
             if buf[0] >> 4 != 4:
                 continue  # e.g. the kernel's IPv6 router solicitations on the TUN
             if buf[2:4] == b"\0\0" and len(buf) > 0xFFFF:
-                # A download segment over 64 KiB (BIG TCP, Linux 6.3+): its length field
+                # A download segment over 64 KiB (BIG TCP, Linux 6.6+): its length field
                 # is 0. Complete all the same: the TCP checksum over a pseudo-header
                 # with the 32-bit length.
                 tcp = buf[20:]

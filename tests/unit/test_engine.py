@@ -322,6 +322,27 @@ def test_a_refused_write_over_64_kib_ends_large_segments_and_the_batch_goes_on(c
         "the kernel refused a 250050-byte TUN write: segments of at most 64 KiB from now on"]
 
 
+def test_a_write_error_that_is_no_refusal_of_size_keeps_large_segments():
+    """EIO, EBADF and the like are the device going, not a packet too large: the batch is
+    dropped and counted once, as before, and large segments stay on."""
+    async def body() -> None:
+        ours, tun_side = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        ours.setblocking(False)
+        ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)  # room for the big one
+        engine = engine_module.Engine(Config(proxy=None), UNUSED_PROXY, ours.fileno(),
+                                      vnet=True, big_ipv4=True)
+        tun_side.close()  # the reader is gone: EPIPE (a real error, not about size)
+        big = wire.build(4, DST, SRC, 443, 40000, 1, 1, wire.ACK, 100, b"b" * 250_000,
+                         gso_size=1448)
+        small = wire.build(4, DST, SRC, 443, 40000, 1, 1, wire.ACK, 100, b"s", gso_size=1448)
+        engine._write([big, small, small])
+        assert engine.big_ipv4
+        assert (engine.stats["tun_write_errors"], engine.stats["tun_big_refused"]) == (1, 0)
+        ours.close()
+
+    asyncio.run(body())
+
+
 def test_only_ipv4_flows_of_an_engine_with_large_segments_get_them():
     """Engine.big_ipv4 needs the vnet header too (the GSO packet is described in it)."""
     async def body() -> None:

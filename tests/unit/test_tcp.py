@@ -1886,6 +1886,36 @@ def test_new_data_goes_in_segments_of_the_limit_and_resends_in_mss_ones() -> Non
         a.conn.set_segment_limit(0)
 
 
+def test_a_window_of_a_few_mss_is_filled_by_a_shorter_large_segment() -> None:
+    """Sender SWS avoidance holds back a segment shorter than send_mss, not one shorter
+    than the limit: 10 MSS of initial window go as 4 + 4 + 2 MSS, and an app window of
+    6 MSS is filled, not left at 4."""
+    a = App(TcpParams(mss=1000, snd_buf=1 << 20), window=65535)
+    a.conn.set_segment_limit(4)
+    a.handshake()
+    a.conn.send(b"d" * 20_000)
+    assert [len(s.payload) for s in a.out()] == [4000, 4000, 2000]
+    b = App(TcpParams(mss=1000, snd_buf=1 << 20), wscale=-1, window=6000)
+    b.conn.set_segment_limit(4)
+    b.handshake()
+    b.conn.send(b"d" * 20_000)
+    assert [len(s.payload) for s in b.out()] == [4000, 2000]
+
+
+def test_slow_start_doubles_per_round_trip_with_large_segments() -> None:
+    """The app ACKs about once a segment, so appropriate byte counting's per-ACK limit
+    (L = 2 segments, RFC 3465) counts our segments: an ACK of a 4-MSS segment grows cwnd
+    by 4 MSS, as four ACKs of one MSS each would."""
+    a = App(TcpParams(mss=1000, snd_buf=1 << 20), window=65535)
+    a.conn.set_segment_limit(4)
+    a.handshake()
+    a.conn.send(b"d" * 100_000)
+    segs = a.out()
+    before = a.conn.cwnd
+    a.ack_all(segs[:1])  # one ACK of the first 4,000 bytes
+    assert a.conn.cwnd == before + 4000
+
+
 @pytest.mark.parametrize("sack", [True, False])
 def test_lossy_downloads_in_large_segments_arrive_whole(sack: bool) -> None:
     """The lossy model (5 % loss of whole segments, duplication, reordering) with segments

@@ -9,14 +9,16 @@ from proxyvpn.system.tun import takes_big_ipv4
 
 @pytest.mark.parametrize(("release", "expected"), [
     ("6.18.44-fc-v1272", True),
-    ("6.3.0", True),
+    ("6.6.0", True),
     ("6.12.48+deb13-amd64", True),
     ("10.0", True),
+    ("6.5.13-7-pve", False),  # the length field, but writes over ~68 KiB fail
+    ("6.3.0", False),
     ("6.2.16-arch1", False),
     ("6.1.0-37-amd64", False),  # Debian 12
     ("5.15.0-91-generic", False),
     ("", False),
     ("garbage", False),
 ])
-def test_large_ipv4_segments_need_linux_6_3(release: str, expected: bool) -> None:
+def test_large_ipv4_segments_need_linux_6_6(release: str, expected: bool) -> None:
     assert takes_big_ipv4(release) is expected
