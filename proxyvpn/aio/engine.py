@@ -54,9 +54,10 @@ KiB); an allocation of 8 x 32 KiB pages in the kernel."""
 _MAX_PLAIN_WRITE = 0xFFFF + fast.VNET_HDR_LEN
 """The longest TUN write that is not an IPv4 GSO packet over 64 KiB."""
 
-_REFUSALS = frozenset((errno.EMSGSIZE, errno.EINVAL, errno.ENOMEM, errno.ENOBUFS))
+_REFUSALS = frozenset((errno.EMSGSIZE, errno.EINVAL, errno.ENOMEM))
 """How a kernel says a TUN write is too large for it (EMSGSIZE: more fragments than an skb
-holds, before Linux 6.6; ENOMEM/ENOBUFS: no pages for it)."""
+holds, before Linux 6.6; ENOMEM: no pages for it). ENOBUFS comes back from write_batch
+as a short count (_send)."""
 
 
 class Engine:
@@ -434,7 +435,9 @@ class Engine:
                 return False
             if written < len(packets) and _length(packets[written]) > _MAX_PLAIN_WRITE:
                 # ENOBUFS: the kernel found no memory for an skb that large (its pages
-                # come from high-order allocations), which waiting may not cure.
+                # come from high-order allocations), which waiting may not cure. (The
+                # other short count, EAGAIN, needs a full send buffer, and a TUN's is
+                # INT_MAX.)
                 self.stats["tun_write_errors"] += 1
                 self._refused(packets[written])
                 packets = packets[written + 1:]

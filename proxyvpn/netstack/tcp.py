@@ -647,7 +647,7 @@ class TcpConnection:
         """The engine would leave out a pure ACK that the app's next segment supersedes
         (aio/engine.py ``_superseded``): True if that is fine, and then the next new ACK
         grows the slow-start window as much as both would have (RFC 3465's limit of
-        2*SMSS applies per ACK the app sent). False in fast recovery, where every ACK
+        2 segments applies per ACK the app sent). False in fast recovery, where every ACK
         moves the window by itself (RFC 6582 §3.2 steps 3-4)."""
         if self._in_recovery:
             return False
@@ -1070,8 +1070,10 @@ class TcpConnection:
             if self._cwnd < self._ssthresh:
                 # Slow start with RFC 3465 appropriate byte counting, L = 2*SMSS; of
                 # our segments, as the app ACKs about one a segment whatever its size
-                # (else larger segments would slow the doubling per round trip).
-                limit = 2 * self._seg_max * (1 + self._ack_credit)
+                # (else larger segments would slow the doubling per round trip). What
+                # a timeout resends (below "recover") goes at send_mss.
+                seg = smss if snd_una < self._recover else self._seg_max
+                limit = 2 * seg * (1 + self._ack_credit)
                 self._cwnd += acked if acked < limit else limit
             else:
                 self._ca_acc += acked

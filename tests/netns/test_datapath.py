@@ -579,7 +579,8 @@ def test_a_streaming_download_through_squid_is_written_in_whole_segments(lab):
     assert runts < 25, runts  # without read_in_units: one after every full read, ~250
     # Without the mark, reads of ~112 KB: one full segment and a ~47 KB one each (with
     # segments of 4 x 64 KiB, none full). A read that comes below the mark (it was
-    # dropped) is one short segment: 4-19 % of the bytes in 10 runs of 4 x 64 KiB ones.
+    # dropped), or what fits the room slow start leaves, is one short segment where it
+    # was up to three full ones and a short one: 4-19 % of the bytes in 10 runs.
     assert in_full > (0.75 if full > 0xFFFF else 0.85), in_full
     # Every segment taken the first time: nothing refused, nothing sent again.
     assert until(lambda: lab.stats().get("flows_closed", 0) >= 1), lab.stats()

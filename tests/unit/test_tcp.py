@@ -1916,6 +1916,21 @@ def test_slow_start_doubles_per_round_trip_with_large_segments() -> None:
     assert a.conn.cwnd == before + 4000
 
 
+def test_after_a_timeout_slow_start_counts_mss_sized_resends() -> None:
+    """A timeout's resends go at send_mss, so the ACK of one grows cwnd by at most 2 MSS
+    (RFC 3465), even when it acknowledges everything outstanding at once."""
+    a = App(TcpParams(mss=1000, snd_buf=1 << 20), window=65535)
+    a.conn.set_segment_limit(4)
+    a.handshake()
+    a.conn.send(b"d" * 100_000)
+    assert sum(len(s.payload) for s in a.out()) == 10_000
+    a.fire()  # RTO: cwnd 1 MSS, ssthresh 5 MSS, go-back-N from the first byte
+    (resend,) = a.out()
+    assert len(resend.payload) == 1000 and a.conn.cwnd == 1000
+    a.seg(ack=10_001)  # the app had the rest: one ACK of all 10,000 bytes
+    assert a.conn.cwnd == 3000
+
+
 @pytest.mark.parametrize("sack", [True, False])
 def test_lossy_downloads_in_large_segments_arrive_whole(sack: bool) -> None:
     """The lossy model (5 % loss of whole segments, duplication, reordering) with segments
