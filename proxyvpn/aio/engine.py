@@ -417,34 +417,30 @@ class Engine:
     def _send(self, packets: list[bytes | tuple]) -> bool:
         """Write what the TUN takes; keep the rest as the backlog. True if there is one."""
         while True:
+            err = 0
             try:
                 written = self.wire.write_batch(self.fd, packets)
             except OSError as exc:
-                written = getattr(exc, "packets_written", 0)
-                self.stats["tun_write_errors"] += 1
-                log.debug("TUN write failed: %s", errno.errorcode.get(exc.errno or 0, exc))
-                if exc.errno in _REFUSALS and _length(packets[written]) > _MAX_PLAIN_WRITE:
-                    # Too large for this kernel: that packet is lost (the stack resends
-                    # it as any loss), the rest goes.
-                    self._refused(packets[written])
-                    packets = packets[written + 1:]
-                    continue
-                # Refused for what it is (e.g. EINVAL for a bogus one) or the device is
-                # going (EIO, EBADF): count it, drop the batch, as any loss.
-                self._backlog = []
-                return False
-            if written < len(packets) and _length(packets[written]) > _MAX_PLAIN_WRITE:
-                # ENOBUFS: the kernel found no memory for an skb that large (its pages
-                # come from high-order allocations), which waiting may not cure. (The
-                # other short count, EAGAIN, needs a full send buffer, and a TUN's is
-                # INT_MAX.)
+                written, err = getattr(exc, "packets_written", 0), exc.errno or errno.EIO
+                log.debug("TUN write failed: %s", errno.errorcode.get(err, exc))
+            if (written < len(packets) and (not err or err in _REFUSALS)
+                    and _length(packets[written]) > _MAX_PLAIN_WRITE):
+                # Too large for this kernel (a short count is ENOBUFS: no memory for an
+                # skb that large, whose pages come from high-order allocations; EAGAIN
+                # needs a full send buffer, and a TUN's is INT_MAX). That packet is lost
+                # (the stack resends it as any loss); the rest goes.
                 self.stats["tun_write_errors"] += 1
                 self._refused(packets[written])
                 packets = packets[written + 1:]
                 continue
-            break
-        self._backlog = packets[written:]
-        return bool(self._backlog)
+            if err:
+                # Refused for what it is (e.g. EINVAL for a bogus one) or the device is
+                # going (EIO, EBADF): count it, drop the batch, as any loss.
+                self.stats["tun_write_errors"] += 1
+                self._backlog = []
+                return False
+            self._backlog = packets[written:]
+            return bool(self._backlog)
 
     def _refused(self, packet: bytes | tuple) -> None:
         """The TUN refused ``packet``, over 64 KiB: send none that large again (the flows

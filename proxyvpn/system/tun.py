@@ -90,9 +90,9 @@ fails with EMSGSIZE (Engine._refused() would then end large segments at the firs
 
 def takes_big_ipv4(release: str | None = None) -> bool:
     """Whether this kernel (``release``: as in uname -r) takes IPv4 GSO packets over 64 KiB
-    written to a TUN (BIG_IPV4_SINCE). IPv6 segments stay within 64 KiB: IPv6 BIG TCP packets carried a
-    Hop-by-Hop jumbo option (RFC 2675) until Linux 7.0 dropped it for a 0 length field
-    like IPv4's, so the format depends on the kernel; not taken up yet."""
+    written to a TUN (BIG_IPV4_SINCE). IPv6 segments stay within 64 KiB: IPv6 BIG TCP
+    packets carried a Hop-by-Hop jumbo option (RFC 2675) until Linux 7.0 dropped it for a
+    0 length field like IPv4's, so the format depends on the kernel; not taken up yet."""
     m = re.match(r"(\d+)\.(\d+)", release if release is not None else os.uname().release)
     return m is not None and (int(m[1]), int(m[2])) >= BIG_IPV4_SINCE
 
