@@ -39,8 +39,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="the upstream proxy on the router [default: squid]")
     p.add_argument("--json-out", type=Path, metavar="FILE",
                    help="also write the JSON lines to FILE")
-    p.add_argument("--modes", default="direct,proxyvpn,redsocks",
-                   help="comma-separated subset of direct,proxyvpn,redsocks")
+    p.add_argument("--modes", default=None,
+                   help="comma-separated subset of direct,proxyvpn,redsocks [default: all 'three; with --ipv6 the first two]")
     p.add_argument("--only", default="bulk,lat,cps,idle",
                    help="comma-separated subset of bulk,lat,cps,idle")
     p.add_argument("--profile", type=Path, metavar="DIR",
@@ -65,10 +65,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tun-route", action="store_true",
                    help="experiment: also route the server via the TUN in the main table, so "
                         "apps' sockets get the TUN's MSS at connect time (see bench/README.md)")
+    p.add_argument("--ipv6", action="store_true",
+                   help="the apps connect to the server's IPv6 address (the proxy's own link "
+                        "stays IPv4); modes direct and proxyvpn: redsocks is set up for IPv4 "
+                        "only")
     args = p.parse_args(argv)
     if args.repeat < 1:
         p.error("--repeat must be at least 1")
+    if args.modes is None:
+        args.modes = "direct,proxyvpn" if args.ipv6 else "direct,proxyvpn,redsocks"
     args.modes = [m for m in args.modes.split(",") if m]
+    if args.ipv6 and ("redsocks" in args.modes or args.tun_route):
+        p.error("--ipv6 works with the direct and proxyvpn modes, without --tun-route")
     args.only = {o for o in args.only.split(",") if o}
     for m in args.modes:
         if m not in ("direct", "proxyvpn", "redsocks"):
@@ -130,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from bench import pump, report
-    from bench.lab import MODES, ProxyVpn, make_lab, remove_lab
+    from bench.lab import MODES, SERVER4, SERVER6, ProxyVpn, make_lab, remove_lab
     from bench.suite import FULL, QUICK, Runner, log
 
     # Ctrl+C, SIGTERM, SIGHUP all unwind through the finally below, which removes the lab.
@@ -159,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# proxyvpn benchmark, {when}", flush=True)
     print(f"# command: {command}", flush=True)
     emit({"figure": "run", "date": when, "command": command, "quick": args.quick,
-          "proxy_kind": args.proxy, "fd_limit": fd_limit, "congestion": args.congestion, **env})
+          "proxy_kind": args.proxy, "fd_limit": fd_limit, "congestion": args.congestion,
+          "ipv6": args.ipv6, **env})
     settings = QUICK if args.quick else FULL
     lab = None
     labels = {}
@@ -174,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
             f"workdir {lab.workdir}, fd limit {fd_limit}")
         pump_bin = pump.build(lab.workdir)
         lab.start_proxy(args.proxy)
-        runner = Runner(lab, pump_bin, settings, emit, proxy_kind=args.proxy)
+        runner = Runner(lab, pump_bin, settings, emit, proxy_kind=args.proxy,
+                        host=SERVER6 if args.ipv6 else SERVER4)
         runner.start_server()
         # Rounds interleave the modes, so a slow spell of this shared host hits all of
         # them rather than one; the medians then go into the table.
@@ -237,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         f"- host: {env['cpus']} CPU ({env['cpu']}), Linux {env['kernel']}, "
         f"Python {env['python']}, commit {env['commit']}",
         f"- proxy: {env['proxy']}; {env['redsocks']}",
+        *(["- the apps' flows: IPv6 (`--ipv6`)"] if args.ipv6 else []),
         f"- TCP congestion control in the lab: {args.congestion} (the host's default: "
         f"{env['host_congestion']})",
         f"- load average at start: {' '.join(env['loadavg'])} (every process of the lab shares "

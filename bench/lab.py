@@ -32,6 +32,7 @@ from topology import (  # noqa: E402
     PROXY_PORT,
     ROUTER4_C,
     SERVER4,
+    SERVER6,
     Lab,
     available_congestion,
     build_lab,
@@ -53,7 +54,7 @@ NS_SYSCTLS = (
     "net.ipv4.tcp_max_syn_backlog=8192",
 )
 
-__all__ = ["PROXY_PORT", "ROUTER4_C", "SERVER4", "BenchLab", "available_congestion",
+__all__ = ["PROXY_PORT", "ROUTER4_C", "SERVER4", "SERVER6", "BenchLab", "available_congestion",
            "host_congestion", "make_lab", "remove_lab"]
 
 
@@ -151,12 +152,15 @@ class BenchLab(Lab):
 
     def client_counters(self) -> dict[str, int]:
         """TCP retransmissions/RTO expiries of the client namespace (the apps' side) and
-        drops on its TUN queue, if there is one: the usual reasons for a stalled flow."""
+        drops on its TUN queue, if there is one: the usual reasons for a stalled flow; and
+        its IPv6 packets in and out (which family the apps' flows were, with --ipv6)."""
         out = self.client.sh(
             "cat /proc/net/snmp /proc/net/netstat; echo TUN; "
-            "cat /sys/class/net/tun0/statistics/tx_dropped 2>/dev/null || true",
+            "cat /sys/class/net/tun0/statistics/tx_dropped 2>/dev/null || true; "
+            "echo SNMP6; cat /proc/net/snmp6",
             check=False).stdout
-        text, _, tun = out.partition("TUN")
+        text, _, rest = out.partition("TUN")
+        tun, _, snmp6 = rest.partition("SNMP6")
         counters: dict[str, int] = {}
         lines = text.splitlines()
         for names, values in zip(lines[::2], lines[1::2], strict=False):
@@ -177,6 +181,9 @@ class BenchLab(Lab):
                     counters[key] = int(table.get(name, 0))
         if tun.strip():
             counters["tun_tx_dropped"] = int(tun.split()[0])
+        ip6 = dict(line.split()[:2] for line in snmp6.splitlines() if len(line.split()) >= 2)
+        counters["ip6_in"] = int(ip6.get("Ip6InReceives", 0))
+        counters["ip6_out"] = int(ip6.get("Ip6OutRequests", 0))
         return counters
 
     def save_logs(self, dest: Path) -> Path:

@@ -254,11 +254,32 @@ static int serve(void) {
 
 /* ------------------------------------------------------------------ client */
 
-static struct sockaddr_in target;
+static struct sockaddr_storage target;
+static socklen_t target_len;
+
+/* target = ip (IPv4 or IPv6, no brackets) and port; 0 if ip is neither. */
+static int set_target(const char *ip, int port) {
+    struct sockaddr_in *v4 = (struct sockaddr_in *)&target;
+    struct sockaddr_in6 *v6 = (struct sockaddr_in6 *)&target;
+    memset(&target, 0, sizeof target);
+    if (inet_pton(AF_INET, ip, &v4->sin_addr) == 1) {
+        v4->sin_family = AF_INET;
+        v4->sin_port = htons((uint16_t)port);
+        target_len = sizeof *v4;
+        return 1;
+    }
+    if (inet_pton(AF_INET6, ip, &v6->sin6_addr) == 1) {
+        v6->sin6_family = AF_INET6;
+        v6->sin6_port = htons((uint16_t)port);
+        target_len = sizeof *v6;
+        return 1;
+    }
+    return 0;
+}
 
 /* A connected socket to the server, through the proxy's CONNECT when --proxy is given. */
 static int dial(void) {
-    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    int fd = socket(target.ss_family, SOCK_STREAM, 0);
     if (fd < 0) return -1;
     if (opt_conn_timeout > 0) {
         /* SO_SNDTIMEO bounds connect() too; SO_RCVTIMEO bounds every later read. */
@@ -266,14 +287,15 @@ static int dial(void) {
         setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
         setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
     }
-    if (connect(fd, (struct sockaddr *)&target, sizeof target) < 0) {
+    if (connect(fd, (struct sockaddr *)&target, target_len) < 0) {
         close(fd);
         return -1;
     }
     if (!opt_proxy) return fd;
     char req[256], resp[1024];
-    int n = snprintf(req, sizeof req, "CONNECT %s:%d HTTP/1.1\r\nHost: %s:%d\r\n\r\n",
-                     opt_host, opt_port, opt_host, opt_port);
+    const char *lb = strchr(opt_host, ':') ? "[" : "", *rb = *lb ? "]" : "";
+    int n = snprintf(req, sizeof req, "CONNECT %s%s%s:%d HTTP/1.1\r\nHost: %s%s%s:%d\r\n\r\n",
+                     lb, opt_host, rb, opt_port, lb, opt_host, rb, opt_port);
     if (write_all(fd, req, (size_t)n) < 0) goto fail;
     /* The server never speaks first, so reading past the header block cannot happen. */
     size_t got = 0;
@@ -577,19 +599,15 @@ int main(int argc, char **argv) {
 
     signal(SIGALRM, on_alarm);
     alarm((unsigned)opt_timeout);
-    memset(&target, 0, sizeof target);
-    target.sin_family = AF_INET;
     if (opt_proxy) {
         char ip[64];
         snprintf(ip, sizeof ip, "%s", opt_proxy);
         char *colon = strrchr(ip, ':');
         if (!colon) die("--proxy IP:PORT");
         *colon = 0;
-        target.sin_port = htons((uint16_t)atoi(colon + 1));
-        if (inet_pton(AF_INET, ip, &target.sin_addr) != 1) die("--proxy IP");
-    } else {
-        target.sin_port = htons((uint16_t)opt_port);
-        if (inet_pton(AF_INET, opt_host, &target.sin_addr) != 1) die("--host IP");
+        if (!set_target(ip, atoi(colon + 1))) die("--proxy IP");
+    } else if (!set_target(opt_host, opt_port)) {
+        die("--host IP");
     }
     if (opt_parallel > opt_conns) opt_parallel = opt_conns;
     if (!strcmp(cmd, "down")) return bulk(OP_DOWN);

@@ -83,6 +83,8 @@ class Runner:
     server: subprocess.Popen | None = None
     round: int = 0
     """Which round of ``--repeat`` is running (recorded in every figure)."""
+    host: str = SERVER4
+    """The server address the clients connect to (``--ipv6``: its IPv6 one)."""
 
     # ------------------------------------------------------------------ plumbing
 
@@ -90,10 +92,10 @@ class Runner:
         self.server = self.lab.server.popen(str(self.pump), "serve", "--port", str(SERVER_PORT),
                                             stdout=subprocess.DEVNULL,
                                             stderr=subprocess.DEVNULL)
-        self.lab.wait_port(self.lab.server, SERVER4, SERVER_PORT)
+        self.lab.wait_port(self.lab.server, self.host, SERVER_PORT)
 
     def client(self, mode: Mode, cmd: str, *args: str, timeout: float = 300) -> dict:
-        argv = [str(self.pump), cmd, "--host", SERVER4, "--port", str(SERVER_PORT),
+        argv = [str(self.pump), cmd, "--host", self.host, "--port", str(SERVER_PORT),
                 "--timeout", str(int(timeout)), *mode.client_args(), *args]
         proc = self.lab.client.run(*argv, check=False, timeout=timeout + 30)
         try:
@@ -279,7 +281,7 @@ class Runner:
 
     def _hold_idle(self, mode: Mode, n: int, pid: int) -> dict:
         """Open n idle flows, measure while they are held, then close them."""
-        argv = [str(self.pump), "idle", "--host", SERVER4, "--port", str(SERVER_PORT),
+        argv = [str(self.pump), "idle", "--host", self.host, "--port", str(SERVER_PORT),
                 "--conns", str(n), "--parallel", "32", "--timeout", "300", *mode.client_args()]
         proc = self.lab.client.popen(*argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT)

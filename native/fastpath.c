@@ -57,10 +57,14 @@ static const char *const drop_names[DROP_COUNT] = {
 #define DEFAULT_TTL 64
 #define IPV4_DF 0x4000
 #define MAX_IP_LEN 0xffffu
-/* An IPv4 GSO packet may be longer than its 16-bit length field can say ("BIG TCP",
- * Linux 6.3+): the field is 0 and the skb's length counts. Up to the kernel's
- * GSO_MAX_SIZE (8 * 65535, include/linux/netdevice.h). Same in wire.py. */
+/* A GSO packet may be longer than its 16-bit length field can say ("BIG TCP"). IPv4
+ * (Linux 6.3+): the field is 0 and the skb's length counts. IPv6: the field is 0 and a
+ * Hop-by-Hop header with a Jumbo Payload option (RFC 2675) holds the length, which is
+ * what the kernel's own GRO built until Linux 7.0. Up to the kernel's GSO_MAX_SIZE
+ * (8 * 65535, include/linux/netdevice.h), headers included. Same in wire.py. */
 #define BIG_IP_LEN_MAX 524280u
+#define JUMBO_HBH_LEN 8 /* next header, length 0, option 0xC2, length 4, 32-bit length */
+#define IPV6_TLV_JUMBO 0xC2
 #define MAX_TCP_OPTIONS 40 /* RFC 9293 §3.1: what the data offset can describe */
 #define MAX_SACK_BLOCKS 4  /* RFC 2018 §3: what 40 bytes of options can hold */
 /* virtio_net_hdr (include/uapi/linux/virtio_net.h), prepended to every packet read
@@ -626,8 +630,10 @@ static PyObject *emit(const flow_t *f, uint32_t seq, unsigned flags, const uint8
                       size_t optlen, const uint8_t *payload, size_t paylen, long gso_size,
                       PyObject *split)
 {
-    size_t ip_hlen = f->family == 4 ? 20 : 40;
-    size_t thl = 20 + optlen, tcp_len = thl + paylen, total = ip_hlen + tcp_len;
+    size_t thl = 20 + optlen, tcp_len = thl + paylen;
+    int jumbo = f->family == 6 && tcp_len > MAX_IP_LEN; /* only a GSO packet gets here */
+    size_t ip_hlen = f->family == 4 ? 20 : 40 + (jumbo ? JUMBO_HBH_LEN : 0);
+    size_t total = ip_hlen + tcp_len;
     size_t vlen = gso_size >= 0 ? VNET_HDR_LEN : 0;
     /* split (only with a partial checksum, which never reads the payload): the headers
      * alone, paired with the payload object for a gathered write -- no payload copy. */
@@ -672,11 +678,18 @@ static PyObject *emit(const flow_t *f, uint32_t seq, unsigned flags, const uint8
         put16(p + 10, inet_csum(p, 20, 0));
     } else {
         put32(p, (uint32_t)6 << 28); /* version 6, traffic class 0, flow label 0 */
-        put16(p + 4, (unsigned)tcp_len);
-        p[6] = PROTO_TCP;
+        put16(p + 4, jumbo ? 0 : (unsigned)tcp_len);
+        p[6] = jumbo ? 0 : PROTO_TCP; /* 0: Hop-by-Hop options follow */
         p[7] = DEFAULT_TTL;
         memcpy(p + 8, f->src, 16);
         memcpy(p + 24, f->dst, 16);
+        if (jumbo) { /* the option at offset 2 of the header: 4n+2, as RFC 2675 §2 wants */
+            p[40] = PROTO_TCP;
+            p[41] = 0; /* 8 bytes in all */
+            p[42] = IPV6_TLV_JUMBO;
+            p[43] = 4;
+            put32(p + 44, (uint32_t)(JUMBO_HBH_LEN + tcp_len));
+        }
     }
     t = p + ip_hlen;
     put16(t, f->sport);
@@ -715,8 +728,9 @@ PyDoc_STRVAR(build_doc,
 "40 bytes of options.\n"
 "gso_size >= 0: prefix a virtio_net_hdr for an IFF_VNET_HDR TUN, leave the TCP\n"
 "checksum partial (NEEDS_CSUM), and mark a payload longer than gso_size (> 0) as\n"
-"TCP GSO with that segment size; an IPv4 GSO packet may be up to BIG_IP_LEN_MAX\n"
-"bytes, with 0 in its length field when it is over 65535 (BIG TCP). split (with gso_size >= 0 and a payload): return\n"
+"TCP GSO with that segment size. A GSO packet may be up to BIG_IP_LEN_MAX bytes: over\n"
+"the 16-bit length field its length is 0 (BIG TCP), and an IPv6 one then carries a\n"
+"Hop-by-Hop Jumbo Payload option (RFC 2675). split (with gso_size >= 0 and a payload): return\n"
 "(headers, payload) -- the payload object itself, uncopied -- for write_batch.");
 
 static PyObject *fp_build(PyObject *Py_UNUSED(mod), PyObject *const *args, Py_ssize_t nargs,
@@ -809,10 +823,11 @@ static PyObject *fp_build(PyObject *Py_UNUSED(mod), PyObject *const *args, Py_ss
         goto done;
     }
     paylen = b.have_payload ? (size_t)b.payload.len : 0;
-    /* Only a GSO packet (IPv4, for an IFF_VNET_HDR TUN, longer than one gso_size
-     * segment) may pass the length field; the kernel cuts it or takes it whole. */
-    if (paylen > (b.f.family == 4 && gso_size > 0 && paylen > (size_t)gso_size
-                      ? BIG_IP_LEN_MAX - 20 : max_tcp_len(b.f.family)) - 20 - optlen) {
+    /* Only a GSO packet (for an IFF_VNET_HDR TUN, longer than one gso_size segment)
+     * may pass the length field; the kernel cuts it or takes it whole. */
+    if (paylen > (gso_size > 0 && paylen > (size_t)gso_size
+                      ? BIG_IP_LEN_MAX - (b.f.family == 4 ? 20 : 40 + JUMBO_HBH_LEN)
+                      : max_tcp_len(b.f.family)) - 20 - optlen) {
         PyErr_SetString(PyExc_ValueError, "payload too long for the IP length field");
         goto done;
     }

@@ -45,14 +45,15 @@ READ_BATCH = 64
 """Packets read per reader wake-up: amortises the callback without starving timers."""
 
 BIG_SEGMENTS = 4
-"""send_mss per segment of new data to an IPv4 app, where the kernel takes more than 64 KiB
-in one GSO packet (TunHandle.big_ipv4): a whole proxy read of 4 x 64 KiB
+"""send_mss per segment of new data to an app, where the kernel takes more than 64 KiB
+in one GSO packet (TunHandle.big_ipv4, big_ipv6): a whole proxy read of 4 x 64 KiB
 (SocketTransport.read_in_units) goes in one TUN write, one pass through the app's receive
 path and about one ACK, where it took four of each. Within what pcap readers take (256
 KiB); an allocation of 8 x 32 KiB pages in the kernel."""
 
-_MAX_PLAIN_WRITE = 0xFFFF + fast.VNET_HDR_LEN
-"""The longest TUN write that is not an IPv4 GSO packet over 64 KiB."""
+_MAX_PLAIN_WRITE = 0xFFFF + 40 + fast.VNET_HDR_LEN
+"""The longest TUN write that is not a GSO packet over 64 KiB (IPv6 does not count its
+header in the length field)."""
 
 _REFUSALS = frozenset((errno.EMSGSIZE, errno.EINVAL, errno.ENOMEM))
 """How a kernel says a TUN write is too large for it (EMSGSIZE: more fragments than an skb
@@ -64,7 +65,7 @@ class Engine:
     """Owns the flow table and drives every TcpConnection from TUN packets and timers."""
 
     def __init__(self, config: Config, endpoint: ProxyEndpoint, tun_fd: int,
-                 *, vnet: bool = False, big_ipv4: bool = False,
+                 *, vnet: bool = False, big_ipv4: bool = False, big_ipv6: bool = False,
                  pcap_path: Path | None = None,
                  poller: BusyPollSelector | None = None) -> None:
         self.config = config
@@ -77,6 +78,8 @@ class Engine:
         self.big_ipv4 = vnet and big_ipv4
         """IPv4 flows send segments of BIG_SEGMENTS x 64 KiB to the apps (BIG TCP; off for
         good once the kernel refuses one: _refused())."""
+        self.big_ipv6 = vnet and big_ipv6
+        """The same for IPv6 flows."""
         self._read_size = 65536 + (64 if vnet else 0)  # an IPv6 GSO packet may exceed 64 KiB a little
         self.wire = fast.select(pure=config.pure_python)
         self.params = TcpParams(mss=config.mtu - 60 if config.ipv6 else config.mtu - 40)
@@ -283,8 +286,7 @@ class Engine:
         conn = TcpConnection(self.params, iss=self._isn.next(), irs=seq, peer_window=window,
                              peer_mss=mss, peer_wscale=wscale, peer_sack_permitted=bool(sack_ok),
                              now=now, peer_tsval=tsval)
-        if family == 4 and self.big_ipv4:
-            conn.set_segment_limit(BIG_SEGMENTS)
+        conn.set_segment_limit(self.segment_limit(family))
         flow = Flow(self, key, family, conn, dst_ip, dport, gso_size)
         self.flows[key] = flow
         self.stats["flows_opened"] += 1
@@ -442,12 +444,17 @@ class Engine:
             self._backlog = packets[written:]
             return bool(self._backlog)
 
+    def segment_limit(self, family: int) -> int:
+        """send_mss per segment of new data for a new flow of ``family`` (4 or 6)."""
+        return BIG_SEGMENTS if (self.big_ipv4 if family == 4 else self.big_ipv6) else 1
+
     def _refused(self, packet: bytes | tuple) -> None:
-        """The TUN refused ``packet``, over 64 KiB: send none that large again (the flows
-        resend it at send_mss, as any segment lost)."""
-        if not self.big_ipv4:
+        """The TUN refused ``packet``, over 64 KiB: send none that large again, in either
+        family -- the skb that could not be had is the same (the flows resend it at
+        send_mss, as any segment lost)."""
+        if not (self.big_ipv4 or self.big_ipv6):
             return
-        self.big_ipv4 = False
+        self.big_ipv4 = self.big_ipv6 = False
         self.stats["tun_big_refused"] += 1
         for flow in self.flows.values():
             flow.conn.set_segment_limit(1)
@@ -553,8 +560,8 @@ def _open_pcap(path: Path, vnet: bool = False) -> Any:
     import dpkt
 
     fh = os.fdopen(_create_private(path), "wb")  # closed in Engine.stop
-    # 262144: what libpcap and Wireshark read at most, above an IPv4 segment of
-    # BIG_SEGMENTS x 64 KiB (its length field 0: Wireshark takes it as TSO).
+    # 262144: what libpcap and Wireshark read at most, above a segment of
+    # BIG_SEGMENTS x 64 KiB (an IPv4 one's length field 0: Wireshark takes it as TSO).
     return _Pcap(dpkt.pcap.Writer(fh, snaplen=262144, linktype=dpkt.pcap.DLT_RAW), vnet)
 
 
@@ -637,6 +644,7 @@ async def run_engine(config: Config, plan: Any, tun: Any, state_dir: Path,
                              port=config.proxy.port, addresses=tuple(plan.proxy_ips),
                              credentials=config.proxy.credentials)
     engine = Engine(config, endpoint, tun.fd, vnet=tun.vnet, big_ipv4=tun.big_ipv4,
+                    big_ipv6=tun.big_ipv6,
                     pcap_path=config.pcap, poller=poller)
     memory.tune()
     loop = asyncio.get_running_loop()

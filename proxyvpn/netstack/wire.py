@@ -120,8 +120,13 @@ _TTL = 64
 _IPV4_DF = 0x4000
 _MAX_IP_LEN = 0xFFFF
 BIG_IP_LEN_MAX = 524_280
-"""Longest IPv4 GSO packet build() makes: the kernel's GSO_MAX_SIZE (8 * 65535). Over
-65535 bytes its length field is 0 and the skb's length counts (BIG TCP, Linux 6.3+)."""
+"""Longest GSO packet build() makes, headers included: the kernel's GSO_MAX_SIZE
+(8 * 65535). Past its 16-bit length field (BIG TCP) an IPv4 packet's length field is 0
+and the skb's length counts (Linux 6.3+); an IPv6 one's is 0 too and a Hop-by-Hop header
+with a Jumbo Payload option (RFC 2675) holds the length, as the kernel's own GRO built
+them until Linux 7.0."""
+_JUMBO_HBH_LEN = 8  # next header, length 0, option 0xC2, length 4, 32-bit length
+_IPV6_TLV_JUMBO = 0xC2
 _U32 = 0xFFFFFFFF
 _U64 = 0xFFFFFFFFFFFFFFFF
 
@@ -192,7 +197,7 @@ def _pseudo_sum(src: bytes, dst: bytes, tcp_len: int) -> int:
     """A number congruent to the TCP pseudo-header word sum (RFC 9293 §3.1, RFC 8200 §8.1).
 
     Both layouts reduce to src + dst + protocol + upper-layer length, because the zero
-    bytes contribute nothing; a length over 16 bits (an IPv4 GSO packet, whose segments
+    bytes contribute nothing; a length over 16 bits (a GSO packet, whose segments
     the kernel sums anew) adds as a 32-bit one, as in the kernel's csum_tcpudp_magic(). Like
     _sum_bytes() it is a congruent big int, for _fold(), not a valid checksum() initial.
     """
@@ -465,13 +470,18 @@ def _emit(
     after a virtio_net_hdr, when gso_size >= 0)."""
     thl = 20 + len(opts)
     tcp_len = thl + len(payload)
-    ip_hlen = 20 if family == 4 else 40
+    jumbo = family == 6 and tcp_len > _MAX_IP_LEN  # only a GSO packet gets here
+    ip_hlen = 20 if family == 4 else 40 + (_JUMBO_HBH_LEN if jumbo else 0)
     pkt = bytearray(ip_hlen + tcp_len)
     if family == 4:
         total = ip_hlen + tcp_len
         _IPV4_HDR.pack_into(pkt, 0, 0x45, 0, total if total <= _MAX_IP_LEN else 0, 0,
                             _IPV4_DF, _TTL, 6, 0, src, dst)
         pkt[10:12] = _fold(_sum_bytes(memoryview(pkt)[:20])).to_bytes(2, "big")
+    elif jumbo:  # next header 0: the Hop-by-Hop header, its option at 4n+2 (RFC 2675 §2)
+        _IPV6_HDR.pack_into(pkt, 0, 6 << 28, 0, 0, _TTL, src, dst)
+        struct.pack_into("!BBBBI", pkt, 40, _PROTO_TCP, 0, _IPV6_TLV_JUMBO, 4,
+                         _JUMBO_HBH_LEN + tcp_len)
     else:
         _IPV6_HDR.pack_into(pkt, 0, 6 << 28, tcp_len, _PROTO_TCP, _TTL, src, dst)
     pkt[ip_hlen : ip_hlen + 4] = ports
@@ -524,8 +534,9 @@ def build(
     ``gso_size >= 0``: for an IFF_VNET_HDR TUN. The packet gets a virtio_net_hdr
     prefix and a partial TCP checksum (NEEDS_CSUM: the kernel takes CHECKSUM_PARTIAL
     as verified for local delivery and completes it if the packet is forwarded), and a
-    payload longer than ``gso_size`` (> 0, the app's MSS) is marked TCP GSO. An IPv4 GSO
-    packet may be up to BIG_IP_LEN_MAX bytes long: over 65535 its length field is 0.
+    payload longer than ``gso_size`` (> 0, the app's MSS) is marked TCP GSO. A GSO
+    packet may be up to BIG_IP_LEN_MAX bytes long: past the 16-bit length field its
+    length field is 0, and an IPv6 one carries a Hop-by-Hop Jumbo Payload option.
 
     ``split`` (with ``gso_size >= 0`` and a payload, where the checksum is partial and
     never reads the payload): ``(headers, payload)`` -- the payload object itself,
@@ -548,9 +559,9 @@ def build(
     gso = _int(gso_size, -1, 0xFFFF, "gso_size")
     want_split = bool(split)  # here, where the C version evaluates it
     opts = _tcp_options(ms, ws, sackok, tsv, tse, blocks)
-    # Only a GSO packet (IPv4, longer than one gso_size segment) may pass the length field.
-    big = fam == 4 and 0 < gso < len(pl)
-    if 20 + len(opts) + len(pl) > (BIG_IP_LEN_MAX - 20 if big else _max_tcp_len(fam)):
+    # Only a GSO packet (longer than one gso_size segment) may pass the length field.
+    big_room = BIG_IP_LEN_MAX - (20 if fam == 4 else 40 + _JUMBO_HBH_LEN)
+    if 20 + len(opts) + len(pl) > (big_room if 0 < gso < len(pl) else _max_tcp_len(fam)):
         raise ValueError("payload too long for the IP length field")
     pkt = _emit(fam, s, d, struct.pack("!HH", sp, dp), sq, ak, fl, win, opts, pl, gso)
     if want_split and gso >= 0 and len(pl):

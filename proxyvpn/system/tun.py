@@ -53,6 +53,9 @@ class TunHandle:
     big_ipv4: bool = False
     """With vnet: the kernel takes IPv4 GSO packets longer than 64 KiB from us
     (takes_big_ipv4())."""
+    big_ipv6: bool = False
+    """With vnet: the kernel takes IPv6 GSO packets longer than 64 KiB, in the form
+    build() gives them (takes_big_ipv6())."""
 
     @property
     def closed(self) -> bool:
@@ -88,13 +91,35 @@ pages (Linux 6.6), a TUN write of more than MAX_SKB_FRAGS pages of payload (~68 
 fails with EMSGSIZE (Engine._refused() would then end large segments at the first)."""
 
 
+BIG_IPV6_BEFORE = (7, 0)
+"""build() marks an IPv6 packet over 64 KiB as the kernel's own GRO did until Linux 7.0:
+0 in the payload length and a Hop-by-Hop header whose Jumbo Payload option (RFC 2675)
+holds the length, which ip6_rcv_core() reads (ipv6_hop_jumbo()). Linux 7.0 ("BIG TCP
+without HBH in IPv6") switched to IPv4's form, a 0 length read from the skb. On 6.18 a
+TUN write of the 0-length form is dropped as a header error (Ip6InHdrErrors), without an
+error to the writer, and the Hop-by-Hop form arrives whole; what 7.0 does with the
+Hop-by-Hop form is not tried here, so from 7.0 on IPv6 segments stay within 64 KiB.
+The TUN needs BIG_IPV4_SINCE too (the skb allocation)."""
+
+
+def _release(release: str | None) -> tuple[int, int] | None:
+    """(major, minor) of ``release`` (as in uname -r; None: this kernel's)."""
+    m = re.match(r"(\d+)\.(\d+)", release if release is not None else os.uname().release)
+    return (int(m[1]), int(m[2])) if m is not None else None
+
+
 def takes_big_ipv4(release: str | None = None) -> bool:
     """Whether this kernel (``release``: as in uname -r) takes IPv4 GSO packets over 64 KiB
-    written to a TUN (BIG_IPV4_SINCE). IPv6 segments stay within 64 KiB: IPv6 BIG TCP
-    packets carried a Hop-by-Hop jumbo option (RFC 2675) until Linux 7.0 dropped it for a
-    0 length field like IPv4's, so the format depends on the kernel; not taken up yet."""
-    m = re.match(r"(\d+)\.(\d+)", release if release is not None else os.uname().release)
-    return m is not None and (int(m[1]), int(m[2])) >= BIG_IPV4_SINCE
+    written to a TUN (BIG_IPV4_SINCE)."""
+    version = _release(release)
+    return version is not None and version >= BIG_IPV4_SINCE
+
+
+def takes_big_ipv6(release: str | None = None) -> bool:
+    """Whether this kernel takes IPv6 GSO packets over 64 KiB written to a TUN in the form
+    build() writes (BIG_IPV6_BEFORE)."""
+    version = _release(release)
+    return version is not None and BIG_IPV4_SINCE <= version < BIG_IPV6_BEFORE
 
 
 def _enable_offload(fd: int) -> None:
@@ -146,7 +171,7 @@ def open_tun(name: str, mtu: int, offload: bool = True) -> TunHandle:
         raise OSError(exc.errno or errno.EIO,
                       f"cannot set MTU {mtu} on {name}: {os.strerror(exc.errno or errno.EIO)}"
                       ) from exc
-    big = vnet and takes_big_ipv4()
-    log.debug("opened TUN %s (fd %d, mtu %d, offload %s, IPv4 segments over 64 KiB %s)",
-              device.name, fd, mtu, vnet, big)
-    return TunHandle(device.name, fd, vnet, device, big)
+    big4, big6 = vnet and takes_big_ipv4(), vnet and takes_big_ipv6()
+    log.debug("opened TUN %s (fd %d, mtu %d, offload %s, segments over 64 KiB: IPv4 %s, "
+              "IPv6 %s)", device.name, fd, mtu, vnet, big4, big6)
+    return TunHandle(device.name, fd, vnet, device, big4, big6)

@@ -98,3 +98,42 @@ def test_every_socket_of_the_lab_takes_the_congestion_control_it_was_given():
         assert _congestion_of_both_ends(lab.router, lab.client, "10.77.1.1", 9104) == (algo, algo)
     finally:
         remove_lab(lab)
+
+
+@pytest.mark.timeout(200)
+def test_bench_ipv6_sends_the_apps_flows_to_the_servers_ipv6_address(tmp_path):
+    """--ipv6: both modes move data, and through proxyvpn the apps' flows are IPv6: the
+    client namespace moves the data in IPv6 packets (its
+    only IPv6 traffic: direct-CONNECT's link to squid is IPv4, and so is proxyvpn's)."""
+    before = root_namespace_state()
+    out = tmp_path / "results.jsonl"
+    result = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--ipv6", "--only", "bulk",
+         "--json-out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert rows[0]["ipv6"] is True
+    got = {(r.get("mode"), r["figure"]): r for r in rows if "mode" in r}
+    for mode in ("direct", "proxyvpn"):
+        for figure in ("bulk_down_1", "bulk_up_1", "bulk_down_8", "bulk_up_8"):
+            assert got.get((mode, figure), {}).get("value"), (mode, figure)
+    assert not any(mode == "redsocks" for mode, _ in got)
+    for direction in ("down", "up"):
+        row = got[("proxyvpn", f"bulk_{direction}_1")]
+        ns = row["client_ns"]
+        # The data's packets: to the app no segment passes 512 KiB, from it 64 KiB.
+        data = ns["ip6_in"] if direction == "down" else ns["ip6_out"]
+        assert data >= row["bytes"] / (512 << 10 if direction == "down" else 64 << 10), ns
+        assert min(ns["ip6_in"], ns["ip6_out"]) > 0, ns  # and the ACKs the other way
+        direct = got[("direct", f"bulk_{direction}_1")]["client_ns"]
+        assert direct["ip6_in"] < 100, direct  # at most the kernel's own (ND, MLD)
+    assert root_namespace_state() == before
+
+
+def test_bench_ipv6_refuses_redsocks_in_one_line():
+    result = subprocess.run([sys.executable, "-m", "bench", "--ipv6", "--modes", "redsocks"],
+                            cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].endswith(
+        "--ipv6 works with the direct and proxyvpn modes, without --tun-route")

@@ -21,7 +21,7 @@ from topology import PROXY_PORT, PYTHON, ROUTER4_C, ROUTER6_C, SERVER4, SERVER6,
 
 from bench.procstat import cpu_seconds
 from proxyvpn.aio.engine import BIG_SEGMENTS
-from proxyvpn.system.tun import takes_big_ipv4
+from proxyvpn.system.tun import takes_big_ipv4, takes_big_ipv6
 
 MB = 1 << 20
 
@@ -530,39 +530,50 @@ def test_offload_moves_64k_segments_both_ways(lab):
 
 
 def _payload_sizes(pcap) -> list[int]:
-    """TCP payload bytes of each packet in a raw-IP capture taken with a short snaplen, from
-    each record's original length: an IPv4 segment over 64 KiB says 0 in its length field."""
+    """TCP payload bytes of each TCP packet in a raw-IP capture taken with a short snaplen,
+    from each record's original length: a segment over 64 KiB says 0 in its length field
+    (IPv6: and has an 8-byte Hop-by-Hop header with the Jumbo Payload option)."""
     data = pcap.read_bytes()
     order = "<" if data[:4] in (b"\xd4\xc3\xb2\xa1", b"\x4d\x3c\xb2\xa1") else ">"
     sizes, at = [], 24
     while at + 16 <= len(data):
         incl, orig = struct.unpack_from(order + "II", data, at + 8)
         ip = data[at + 16 : at + 16 + incl]
-        ip_hlen = 4 * (ip[0] & 0x0F) if ip[0] >> 4 == 4 else 40
-        sizes.append(orig - ip_hlen - 4 * (ip[ip_hlen + 12] >> 4))
         at += 16 + incl
+        if ip[0] >> 4 == 4:
+            ip_hlen, proto = 4 * (ip[0] & 0x0F), ip[9]
+        elif ip[6] == 0:  # Hop-by-Hop options: 8 bytes per length unit + 8
+            ip_hlen, proto = 40 + 8 * (ip[41] + 1), ip[40]
+        else:
+            ip_hlen, proto = 40, ip[6]
+        if proto == 6:
+            sizes.append(orig - ip_hlen - 4 * (ip[ip_hlen + 12] >> 4))
     return sizes
 
 
-def test_a_streaming_download_through_squid_is_written_in_whole_segments(lab):
+@pytest.mark.parametrize("server", [SERVER4, SERVER6])
+def test_a_streaming_download_through_squid_is_written_in_whole_segments(lab, server):
     """Squid writes ~100 KB at a time. While it streams, each wake-up reads a whole read
     (SO_RCVLOWAT) and a read is a whole number of the app's segments
     (SocketTransport.read_in_units), so nearly every byte goes in a full segment: no runt
     after each read (a 256 KiB read would leave 256 KiB mod the segment size), few
-    half-full segments between squid's writes. Where the kernel takes IPv4 GSO packets
-    over 64 KiB (Linux 6.6+), a full segment is a whole read of 4 x 64 KiB, in one TUN
-    write (Engine.BIG_SEGMENTS). Counted by size on a capture of tun0: the average alone
+    half-full segments between squid's writes. Where the kernel takes GSO packets over
+    64 KiB of the app's family (IPv4: Linux 6.6+; IPv6: 6.6 to 6.19), a full segment is
+    a whole read of 4 x 64 KiB, in one TUN write (Engine.BIG_SEGMENTS). Counted by size on a capture of tun0: the average alone
     varied with how often the mark came down in a run (55-64 KB a packet on one host,
     against ~51 KB without read_in_units)."""
     lab.start_squid()
     lab.start_server()
     lab.start_vpn()
     pcap = lab.workdir / "download.pcap"
+    # By address: "tcp" and "port" look at the IPv6 header's own next header only, which
+    # in a segment over 64 KiB is the Hop-by-Hop one. 80 bytes: IPv6, Hop-by-Hop and TCP
+    # with timestamps.
     dump = lab.client.popen("tcpdump", "-i", "tun0", "-n", "-s", "80", "-U", "--immediate-mode",
-                            "-w", str(pcap), "tcp", "and", "src", "port", "9000",
+                            "-w", str(pcap), "src", "host", server,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     assert "listening on" in dump.stderr.readline(), "tcpdump did not start"
-    client_json(lab, "--host", SERVER4, "--up", "0", "--down", str(64 * MB))
+    client_json(lab, "--host", server, "--up", "0", "--down", str(64 * MB))
     time.sleep(0.3)
     os.killpg(dump.pid, signal.SIGINT)
     dump.wait(10)
@@ -574,7 +585,8 @@ def test_a_streaming_download_through_squid_is_written_in_whole_segments(lab):
           f"{runts} of {262_144 % full} bytes")
     # Our send MSS: the TUN's MTU less IPv6 and TCP headers (a stack for both families),
     # less the Timestamps option.
-    assert full == (BIG_SEGMENTS if takes_big_ipv4() else 1) * (65_535 - 60 - 12), full
+    big = takes_big_ipv4() if server == SERVER4 else takes_big_ipv6()
+    assert full == (BIG_SEGMENTS if big else 1) * (65_535 - 60 - 12), full
     assert sum(sizes) >= 64 * MB
     assert runts < 25, runts  # without read_in_units: one after every full read, ~250
     # Without the mark, reads of ~112 KB: one full segment and a ~47 KB one each (with

@@ -164,8 +164,7 @@ class Lab:
 
     @staticmethod
     def wait_port(ns: Netns, host: str, port: int, timeout: float = 10) -> None:
-        probe = (f"import socket;s=socket.socket();s.settimeout(0.5);"
-                 f"s.connect(({host!r},{port}))")
+        probe = f"import socket;socket.create_connection(({host!r},{port}),0.5)"  # either family
         wait_for(lambda: ns.run(PYTHON, "-c", probe, check=False).returncode == 0,
                  timeout=timeout, what=f"{host}:{port} to accept connections")
 

@@ -7,6 +7,7 @@ stack must not take the rest of the batch, or the transmit after it, with it."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import socket
 from types import SimpleNamespace
 
@@ -14,6 +15,7 @@ import pytest
 
 from bench import hotpath
 from proxyvpn.aio import engine as engine_module
+from proxyvpn.aio.engine import BIG_SEGMENTS
 from proxyvpn.config import Config
 from proxyvpn.netstack import wire
 from proxyvpn.relay.dial import ProxyEndpoint
@@ -284,21 +286,30 @@ def test_a_reply_that_came_with_the_proxys_fin_goes_out_in_one_segment(with_the_
 
 # ---------------------------------------------------------------- segments over 64 KiB
 
-def test_a_refused_write_over_64_kib_ends_large_segments_and_the_batch_goes_on(caplog):
+V6_SRC, V6_DST = (socket.inet_pton(socket.AF_INET6, a) for a in ("fd00::2", "fd00::9"))
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_a_refused_write_over_64_kib_ends_large_segments_and_the_batch_goes_on(caplog, family):
     """A kernel that refuses a GSO packet over 64 KiB (here a SOCK_SEQPACKET socket whose
     send buffer is too small for it: EMSGSIZE, a real refusal) costs that packet only:
-    the packets around it are written, and no segment that large is made again."""
+    the packets around it are written, and no segment that large is made again, in
+    either family (the skb the kernel could not allocate is the same)."""
+    src, dst = (SRC, DST) if family == 4 else (V6_SRC, V6_DST)
+
     async def body() -> None:
         ours, tun_side = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         ours.setblocking(False)
         ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 100_000)  # the kernel doubles it
         tun_side.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
         engine = engine_module.Engine(Config(proxy=None), UNUSED_PROXY, ours.fileno(),
-                                      vnet=True, big_ipv4=True)
-        assert engine.big_ipv4
-        small = [wire.build(4, DST, SRC, 443, 40000, 1, 1, wire.ACK, 100, b"s" * 60_000,
-                            gso_size=1448) for _ in range(2)]
-        big = wire.build(4, DST, SRC, 443, 40000, 1, 1, wire.ACK, 100, b"b" * 250_000,
+                                      vnet=True, big_ipv4=True, big_ipv6=True)
+        assert engine.segment_limit(4) == engine.segment_limit(6) == BIG_SEGMENTS
+        # The largest plain packets of the family.
+        small = [wire.build(family, dst, src, 443, 40000, 1, 1, wire.ACK, 100,
+                            b"s" * (0xFFFF - 20 - (20 if family == 4 else 0)), gso_size=1448)
+                 for _ in range(2)]
+        big = wire.build(family, dst, src, 443, 40000, 1, 1, wire.ACK, 100, b"b" * 250_000,
                          gso_size=1448)
         engine._write([small[0], (big[:100], big[100:]), small[1]])
         got = []
@@ -309,7 +320,8 @@ def test_a_refused_write_over_64_kib_ends_large_segments_and_the_batch_goes_on(c
                 break
             tun_side.setblocking(False)
         assert got == small
-        assert not engine.big_ipv4
+        assert not engine.big_ipv4 and not engine.big_ipv6
+        assert engine.segment_limit(4) == engine.segment_limit(6) == 1
         assert (engine.stats["tun_big_refused"], engine.stats["tun_write_errors"]) == (1, 1)
         engine._write([big])  # refused again: counted, nothing more to switch off
         assert (engine.stats["tun_big_refused"], engine.stats["tun_write_errors"]) == (1, 2)
@@ -319,7 +331,8 @@ def test_a_refused_write_over_64_kib_ends_large_segments_and_the_batch_goes_on(c
     with caplog.at_level("WARNING", logger="proxyvpn.aio"):
         asyncio.run(body())
     assert [r.getMessage() for r in caplog.records] == [
-        "the kernel refused a 250050-byte TUN write: segments of at most 64 KiB from now on"]
+        f"the kernel refused a {250_050 if family == 4 else 250_078}-byte TUN write: "
+        "segments of at most 64 KiB from now on"]  # IPv6: 20 more header, 8 Hop-by-Hop
 
 
 def test_a_write_error_that_is_no_refusal_of_size_keeps_large_segments():
@@ -343,15 +356,38 @@ def test_a_write_error_that_is_no_refusal_of_size_keeps_large_segments():
     asyncio.run(body())
 
 
-def test_only_ipv4_flows_of_an_engine_with_large_segments_get_them():
-    """Engine.big_ipv4 needs the vnet header too (the GSO packet is described in it)."""
+def test_a_refused_plain_ipv6_packet_of_64_kib_is_no_refusal_of_large_segments():
+    """IPv6 does not count its 40-byte header in the length field, so its largest plain
+    packet is 65,585 bytes with the vnet header: refused, it is a write error (the batch
+    dropped, counted once), not a reason to end large segments."""
     async def body() -> None:
         ours, tun_side = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        for vnet, big, expected in ((True, True, True), (False, True, False),
-                                    (True, False, False)):
+        ours.setblocking(False)
+        ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 20_000)  # too small for it
+        engine = engine_module.Engine(Config(proxy=None), UNUSED_PROXY, ours.fileno(),
+                                      vnet=True, big_ipv4=True, big_ipv6=True)
+        plain = wire.build(6, V6_DST, V6_SRC, 443, 40000, 1, 1, wire.ACK, 100,
+                           b"p" * (0xFFFF - 20), gso_size=1448)
+        assert len(plain) == 10 + 40 + 0xFFFF
+        engine._write([plain])
+        assert (engine.stats["tun_write_errors"], engine.stats["tun_big_refused"]) == (1, 0)
+        assert engine.segment_limit(4) == engine.segment_limit(6) == BIG_SEGMENTS
+        ours.close()
+        tun_side.close()
+
+    asyncio.run(body())
+
+
+def test_each_family_gets_large_segments_where_its_kernel_takes_them():
+    """New flows of a family get BIG_SEGMENTS where the TUN said that family takes them,
+    and only with the vnet header (the GSO packet is described in it)."""
+    async def body() -> None:
+        ours, tun_side = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        for vnet, big4, big6 in itertools.product((True, False), repeat=3):
             engine = engine_module.Engine(Config(proxy=None), UNUSED_PROXY, ours.fileno(),
-                                          vnet=vnet, big_ipv4=big)
-            assert engine.big_ipv4 is expected
+                                          vnet=vnet, big_ipv4=big4, big_ipv6=big6)
+            assert (engine.segment_limit(4), engine.segment_limit(6)) == (
+                BIG_SEGMENTS if vnet and big4 else 1, BIG_SEGMENTS if vnet and big6 else 1)
         ours.close()
         tun_side.close()
 

@@ -496,36 +496,48 @@ V6_SRC, V6_DST = socket.inet_pton(socket.AF_INET6, "fd00::1"), socket.inet_pton(
 
 @pytest.mark.parametrize("family", [4, 6])
 @pytest.mark.parametrize("gso_size", [-1, 0, 1448])
-@pytest.mark.parametrize("over", [0, 1, 200_000, P.BIG_IP_LEN_MAX - 0xFFFF, P.BIG_IP_LEN_MAX - 0xFFFF + 1])
-def test_build_past_the_ip_length_field_agrees(family: int, gso_size: int, over: int) -> None:
-    """Beyond 65535 bytes only an IPv4 GSO packet may go (BIG TCP): its length field says 0,
-    up to BIG_IP_LEN_MAX; anything else is refused by both builders alike."""
+@pytest.mark.parametrize("over", [0, 1, 200_000, "cap", "past the cap"])
+def test_build_past_the_ip_length_field_agrees(family: int, gso_size: int,
+                                               over: int | str) -> None:
+    """Beyond the 16-bit length field only a GSO packet may go (BIG TCP), up to
+    BIG_IP_LEN_MAX bytes with its headers: IPv4 with 0 in its length field, IPv6 with 0
+    there and a Hop-by-Hop Jumbo Payload option (RFC 2675) holding the length. Anything
+    else is refused by both builders alike."""
     assert C.BIG_IP_LEN_MAX == P.BIG_IP_LEN_MAX == 8 * 0xFFFF
     src, dst = (V4_SRC, V4_DST) if family == 4 else (V6_SRC, V6_DST)
-    ip_hlen = 20 if family == 4 else 40
     # over=0: the longest packet the length field describes (IPv4 counts its header in
-    # it, IPv6 does not).
-    paylen = 0xFFFF - 20 - (ip_hlen if family == 4 else 0) + over
+    # it, IPv6 does not); the cap: BIG_IP_LEN_MAX with IPv6's 8-byte Hop-by-Hop header.
+    cap = P.BIG_IP_LEN_MAX - 0xFFFF - (0 if family == 4 else 48)
+    extra = {"cap": cap, "past the cap": cap + 1}.get(over, over)
+    assert isinstance(extra, int)
+    paylen = 0xFFFF - 20 - (20 if family == 4 else 0) + extra
     payload = bytes(range(256)) * (paylen // 256) + bytes(paylen % 256)
     kind, pkt = same("build", family, src, dst, 40000, 443, 7, 9, 0x18, 512, payload,
                      gso_size=gso_size)
-    big_ok = family == 4 and gso_size > 0 and over <= P.BIG_IP_LEN_MAX - 0xFFFF
-    if over and not big_ok:
+    if extra and not (gso_size > 0 and extra <= cap):
         assert kind == "raise"
         return
     assert kind == "ok"
     ip = pkt[P.VNET_HDR_LEN:] if gso_size >= 0 else pkt
     length_field = struct.unpack_from("!H", ip, 2 if family == 4 else 4)[0]
-    if over:
-        assert length_field == 0 and len(ip) == 0xFFFF + over
-        flags, gso_type, hdr_len, gso, start, offset = VNET.unpack_from(pkt)
-        assert (flags, gso_type, hdr_len, gso, start, offset) == (1, 1, 40, gso_size, 20, 16)
-        # Completed as the kernel would, it is the sum over the pseudo-header with the
-        # 32-bit TCP length (csum_tcpudp_magic()) and the whole segment.
-        full = _complete(ip, start, offset)
-        tcp = bytearray(full[20:])
-        tcp[16:18] = b"\0\0"
-        pseudo = src + dst + b"\x00\x06" + struct.pack("!I", len(tcp))
-        assert struct.unpack_from("!H", full, 36)[0] == P.checksum(pseudo + tcp)
-    else:
+    if not extra:
         assert length_field == 0xFFFF  # the longest either describes
+        return
+    ip_hlen = 20 if family == 4 else 48
+    tcp_len = paylen + 20
+    assert length_field == 0 and len(ip) == ip_hlen + tcp_len <= P.BIG_IP_LEN_MAX
+    if family == 6:  # next header 0, then the Hop-by-Hop header: TCP next, 8 bytes long,
+        # the Jumbo Payload option at 4n+2 with the length after the IPv6 header
+        assert ip[6] == 0
+        assert ip[40:48] == bytes([6, 0, 0xC2, 4]) + struct.pack("!I", 8 + tcp_len)
+    flags, gso_type, hdr_len, gso, start, offset = VNET.unpack_from(pkt)
+    assert (flags, gso_type, hdr_len, gso, start, offset) == (
+        1, 1 if family == 4 else 4, ip_hlen + 20, gso_size, ip_hlen, 16)
+    # Completed as the kernel would, it is the sum over the pseudo-header with the
+    # 32-bit TCP length (csum_tcpudp_magic(), csum_ipv6_magic()) and the whole segment.
+    full = _complete(ip, start, offset)
+    tcp = bytearray(full[ip_hlen:])
+    assert len(tcp) == tcp_len
+    tcp[16:18] = b"\0\0"
+    pseudo = src + dst + b"\x00\x06" + struct.pack("!I", tcp_len)
+    assert struct.unpack_from("!H", full, ip_hlen + 16)[0] == P.checksum(pseudo + tcp)
