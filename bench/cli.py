@@ -40,7 +40,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--json-out", type=Path, metavar="FILE",
                    help="also write the JSON lines to FILE")
     p.add_argument("--modes", default=None,
-                   help="comma-separated subset of direct,proxyvpn,redsocks [default: all 'three; with --ipv6 the first two]")
+                   help="comma-separated subset of direct,proxyvpn,redsocks [default: all "
+                        "three; with --ipv6 the first two]")
     p.add_argument("--only", default="bulk,lat,cps,idle",
                    help="comma-separated subset of bulk,lat,cps,idle")
     p.add_argument("--profile", type=Path, metavar="DIR",
