@@ -15,6 +15,10 @@ def _fmt(value: float | None) -> str:
     return f"{value:.3g}"
 
 
+NO_RATIO = frozenset({"rss_cps"})
+"""Figures that are differences (growth): one near zero makes any ratio meaningless."""
+
+
 def _ratio(a: float | None, b: float | None) -> str:
     if a is None or b is None or b == 0:
         return "—"
@@ -81,7 +85,7 @@ def markdown(results: list[dict], *, header: list[str], mode_labels: dict[str, s
         arrow = "↑" if higher else "↓"
         cells = [f"{title} ({arrow})", unit]
         cells += [_fmt(values.get((fid, m))) + marks.get((fid, m), "") for m in cols]
-        pv = values.get((fid, "proxyvpn"))
+        pv = None if fid in NO_RATIO else values.get((fid, "proxyvpn"))
         if "proxyvpn" in cols and "direct" in cols:
             cells.append(_ratio(pv, values.get((fid, "direct"))))
         if "proxyvpn" in cols and "redsocks" in cols:

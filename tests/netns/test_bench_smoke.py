@@ -33,6 +33,8 @@ def test_bench_quick_runs_every_mode(tmp_path):
                        "cps_64", "cpu_conn", "cpu_conn_all"):
             row = got.get((mode, figure))
             assert row and row.get("value"), (mode, figure, row)
+        row = got.get((mode, "rss_cps"))  # may be 0: a relay that keeps nothing
+        assert row and row["value"] is not None and row["rss_after_mib"] > 0, (mode, row)
     assert "| Bulk download, 1 flow" in result.stdout  # the markdown table
     # The lab's congestion control is the bench's (Linux's default), not the host's.
     assert rows[0]["figure"] == "run" and rows[0]["congestion"] == "cubic"

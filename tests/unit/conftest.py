@@ -1,7 +1,9 @@
-"""The `interpreted` marker: tests that replace or subclass parts of the compiled stack."""
+"""The `interpreted` marker: tests that replace or subclass parts of the compiled stack;
+the `collector_off` fixture."""
 
 from __future__ import annotations
 
+import gc
 import os
 import re
 import subprocess
@@ -27,6 +29,18 @@ def run_interpreted(*pytest_args: str, timeout: float) -> subprocess.CompletedPr
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *pytest_args],
         cwd=REPO, env={**os.environ, _compiled.ENV: "1", "PYTHONPATH": str(REPO)},
         capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def collector_off():
+    """The cyclic garbage collector off for the test (after it collected what earlier
+    tests left): whatever the test frees, reference counting freed."""
+    enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    yield
+    if enabled:
+        gc.enable()
 
 
 @pytest.fixture(name="run_interpreted")

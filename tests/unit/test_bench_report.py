@@ -35,3 +35,12 @@ def test_rows_without_a_figure_value_pass_through_and_the_table_shows_medians() 
     assert diag in agg
     table = markdown(agg, header=["# t"], mode_labels={"direct": "direct", "proxyvpn": "proxyvpn"})
     assert "| Bulk upload, 1 flow (↑) | MB/s | 1,000 | 700 | 0.70× |" in table
+
+
+def test_a_growth_figure_gets_no_ratio() -> None:
+    """RSS growth near zero (squid's, redsocks' -0.3 MiB) makes a ratio nonsense."""
+    rows = [row("rss_cps", m, v, 0) for m, v in (("direct", 0.5), ("proxyvpn", 17.5),
+                                                  ("redsocks", -0.3))]
+    table = markdown(medians(rows), header=["# t"],
+                     mode_labels={m: m for m in ("direct", "proxyvpn", "redsocks")})
+    assert "| MiB | 0.5 | 17.5 | -0.3 | — | — |" in table

@@ -8,6 +8,8 @@ import hashlib
 import random
 import select
 import socket
+import tracemalloc
+import weakref
 
 import pytest
 from transport_pair import Recorder, pair, read_mark, stream_until_marked, until
@@ -577,5 +579,74 @@ def test_a_long_read_is_not_followed_up() -> None:
             await until(lambda: "eof" in protocol.calls)
             assert protocol.calls[3:] == ["data bbbbbbbb fin=False", "next callback", "eof"]
             assert bytes(protocol.data[6:]) == big
+
+    run(body())
+
+
+# ---------------------------------------------------------------- memory
+
+
+class KeepsTransport(Recorder):
+    """Holds its transport, as TunnelProtocol does (its .transport)."""
+
+    def __init__(self) -> None:
+        super().__init__(keep_open_on_eof=False)
+        self.transport: asyncio.BaseTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.transport = transport
+
+
+async def _one_connection(close_first: bool) -> weakref.ref:
+    """One transport's whole life, closed by us or by the peer; a weak reference to its
+    protocol, which holds the transport as TunnelProtocol does."""
+    async with pair(KeepsTransport) as (transport, protocol, peer):
+        gone = weakref.ref(protocol)
+        if close_first:
+            transport.close()
+        else:
+            peer.shutdown(socket.SHUT_WR)
+        await protocol.lost
+        await asyncio.sleep(0)
+    del transport, protocol
+    return gone
+
+
+@pytest.mark.parametrize("close_first", [True, False], ids=["we close", "the peer closes"])
+@pytest.mark.usefixtures("collector_off")
+def test_a_finished_connection_is_freed_without_the_cycle_collector(close_first: bool) -> None:
+    """The protocol holds its transport: if the transport kept holding the protocol after
+    connection_lost(), every proxy connection (its flow and TCP state, behind the
+    protocol) would wait for the cyclic collector, in whose older generations the
+    engine's flows, alive through its young collections, piled up (RSS 40 -> 260 MiB
+    over 200,000 connections in the bench lab)."""
+    async def body() -> None:
+        await _one_connection(close_first)  # warm: asyncio's first-use allocations
+        gone = await _one_connection(close_first)
+        assert gone() is None, "the protocol is only freed by the cyclic collector"
+
+    run(body())
+
+
+def test_finished_connections_leave_no_memory_behind() -> None:
+    """Compiled, this class did not free BaseTransport's `_extra` slot: the dict that
+    super().__init__() put there, 64 bytes lost per proxy connection."""
+    async def body() -> None:
+        for _ in range(50):
+            await _one_connection(True)
+        tracemalloc.start()
+        try:
+            before = tracemalloc.take_snapshot()
+            for _ in range(1000):
+                await _one_connection(True)
+            after = tracemalloc.take_snapshot()
+        finally:
+            tracemalloc.stop()
+        ours = [tracemalloc.Filter(True, transport_module.__file__),
+                tracemalloc.Filter(True, asyncio.transports.__file__)]
+        grown = sum(s.size_diff for s in after.filter_traces(ours).compare_to(
+            before.filter_traces(ours), "filename"))
+        assert grown < 1000 * 8, f"{grown} bytes kept by 1,000 finished connections"
 
     run(body())
