@@ -340,8 +340,12 @@ def _transfer_under_impairment(lab, host: str, size: int, conns: int, seed: int)
         f"proxyvpn stats: {stats}\n--- proxyvpn log:\n{lab.vpn_log()[-3000:]}")
     st = imp.assert_impaired()
     print(f"{elapsed:.1f}s; client {out['seconds']}s\n{st.summary()}\nproxyvpn stats: {stats}")
-    # The TUN really carried large packets (MTU 65535) and the queues saw both legs.
-    assert st.points["tun0/out"].max_len > 16384, st.summary()
+    # The TUN really carried large packets (MTU 65535) and the queues saw both legs. Either
+    # way: the app's own GSO bursts are sized by its pacing rate (about a millisecond of
+    # it), which this much loss can hold below 16 KiB for a whole transfer (a CI run of
+    # the IPv6 test, 2026-12-08: 15,780 bytes at most from the app, 168,584 from us).
+    assert max(st.points["tun0/out"].max_len, st.points["tun0/in"].max_len) > 16384, (
+        st.summary())
     return st
 
 
