@@ -59,7 +59,7 @@ FIGURES: list[tuple[str, str, str, bool]] = [
     ("cpu_up", "CPU per GB moved, 1-flow upload", "CPU·s/GB", False),
     ("cpu_conn", "CPU per new connection (the cps test)", "µs", False),
     ("cpu_conn_all", "CPU per new connection, every process of the lab", "µs", False),
-    ("rss_cps", "RSS growth over the cps test (all of them closed by its end)", "MiB", False),
+    ("rss_cps", "RSS growth over the cps test (its connections all closed)", "MiB", False),
     ("rss_0", "RSS, fresh process, no open flows", "MiB", False),
     ("rss_1000", "RSS with 1,000 idle open flows", "MiB", False),
     ("rss_10000", "RSS with 10,000 idle open flows", "MiB", False),
@@ -224,8 +224,8 @@ class Runner:
             self.record(mode, "cps_64", None, error=out.get("error"), detail=out)
             return
         # What a relay keeps of connections that are over: garbage the cyclic collector
-        # has not reached yet, or a leak (either once grew proxyvpn 40 -> 260 MiB over
-        # 200,000 connections). The high-water of the allocators counts too.
+        # has not reached yet, or a leak (proxyvpn had both until 3991afa: 41 -> 261 MiB
+        # over 196,000 connections). The high-water of the allocators counts too.
         rss1 = procstat.tree_rss_bytes(main_pid)
         self.record(mode, "rss_cps", round((rss1 - rss0) / MiB, 1), conns=out["conns"],
                     rss_before_mib=round(rss0 / MiB, 1), rss_after_mib=round(rss1 / MiB, 1))
