@@ -137,6 +137,7 @@ _V6_ZERO = b"\x00" * 16
 _TCP_HDR = struct.Struct("!HHIIBBHHH")
 _IPV4_HDR = struct.Struct("!BBHHHBBH4s4s")
 _IPV6_HDR = struct.Struct("!IHBB16s16s")
+_JUMBO_HBH = struct.Struct("!BBBBI")  # next header, length 0, option 0xC2, 4, the length
 _TS_VALUES = struct.Struct("!II")
 _MAX_OPTIONS = 40
 """RFC 9293 §3.1: the data offset leaves at most 40 bytes for options."""
@@ -480,8 +481,7 @@ def _emit(
         pkt[10:12] = _fold(_sum_bytes(memoryview(pkt)[:20])).to_bytes(2, "big")
     elif jumbo:  # next header 0: the Hop-by-Hop header, its option at 4n+2 (RFC 2675 §2)
         _IPV6_HDR.pack_into(pkt, 0, 6 << 28, 0, 0, _TTL, src, dst)
-        struct.pack_into("!BBBBI", pkt, 40, _PROTO_TCP, 0, _IPV6_TLV_JUMBO, 4,
-                         _JUMBO_HBH_LEN + tcp_len)
+        _JUMBO_HBH.pack_into(pkt, 40, _PROTO_TCP, 0, _IPV6_TLV_JUMBO, 4, _JUMBO_HBH_LEN + tcp_len)
     else:
         _IPV6_HDR.pack_into(pkt, 0, 6 << 28, tcp_len, _PROTO_TCP, _TTL, src, dst)
     pkt[ip_hlen : ip_hlen + 4] = ports

@@ -183,6 +183,17 @@ class Fake:
         return ProxyEndpoint("http", "fake", port_of(self.server), ("127.0.0.1",))
 
 
+async def echo_to_the_end(protocol: TunnelProtocol, payload: bytes) -> None:
+    """Through a tunnel to start_echo()'s server: send ``payload`` and our FIN, and get
+    both back (the echo, then its b"<EOF>" and close)."""
+    sink = Sink()
+    protocol.attach(sink)
+    protocol.write(payload)
+    protocol.write_eof()
+    await sink.until(lambda: "lost" in sink.events)
+    assert bytes(sink.data) == payload + b"<EOF>"
+
+
 @contextlib.asynccontextmanager
 async def proxy_and_echo(**proxy_kwargs: Any) -> AsyncIterator[tuple[ProxyEndpoint, int]]:
     """A miniproxy and an echo server on loopback; yields (endpoint, echo port)."""
@@ -500,12 +511,7 @@ async def _finished_tunnel(endpoint: ProxyEndpoint, port: int, refused: bool) ->
         await asyncio.sleep(0.05)  # connection_lost() comes from a later loop iteration
     else:
         assert exc is None
-        sink = Sink()
-        protocol.attach(sink)
-        protocol.write(b"ping")
-        protocol.write_eof()
-        await sink.until(lambda: "lost" in sink.events)
-        assert bytes(sink.data) == b"ping<EOF>"
+        await echo_to_the_end(protocol, b"ping")
 
 
 @pytest.mark.parametrize("refused", [False, True], ids=["relayed", "refused"])
@@ -1267,12 +1273,7 @@ def test_miniproxy_command_line(
                 assert line.strip() == f"listening on [::1]:{port}"
             endpoint = ProxyEndpoint("http", "localhost", port, (connect_to,), ("u", "cli-secret"))
             protocol = await dial(endpoint, "127.0.0.1", port_of(echo))
-            sink = Sink()
-            protocol.attach(sink)
-            protocol.write(b"via cli")
-            protocol.write_eof()
-            await sink.until(lambda: "lost" in sink.events)
-            assert bytes(sink.data) == b"via cli<EOF>"
+            await echo_to_the_end(protocol, b"via cli")
             with pytest.raises(ProxyError) as info:
                 await dial(endpoint, "10.0.0.1", 25)
             assert info.value.status == 403
