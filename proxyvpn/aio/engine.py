@@ -18,7 +18,7 @@ import signal
 import socket
 import stat
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from pathlib import Path
 from typing import Any, cast
 
@@ -30,7 +30,16 @@ from proxyvpn.errors import ConfigError, ProxyError, ProxyVpnError
 from proxyvpn.netstack import fast
 from proxyvpn.netstack.sack_option import sack_edges
 from proxyvpn.netstack.seq import IsnSource
-from proxyvpn.netstack.tcp import TS_OPTION_LEN, TcpConnection, TcpParams, TcpState, reset_for
+from proxyvpn.netstack.tcp import (
+    TS_OPTION_LEN,
+    TW_ACK,
+    TW_OVER,
+    TcpConnection,
+    TcpParams,
+    TcpState,
+    TimeWait,
+    reset_for,
+)
 from proxyvpn.netstack.wire import strip_vnet
 from proxyvpn.relay.dial import ProxyEndpoint, TunnelProtocol, start_tunnel
 
@@ -86,12 +95,16 @@ class Engine:
         self.flows: dict[tuple[bytes, int, bytes, int], Flow] = {}
         self.stats: Counter[str] = Counter()
         self._dirty: dict[Flow, None] = {}  # insertion-ordered set
-        self._time_wait: dict[Flow, None] = {}
-        """Flows in TIME-WAIT, oldest first: the ones given up when the table is full."""
+        self._time_wait: OrderedDict[tuple[bytes, int, bytes, int], TimeWait] = OrderedDict()
+        """What is left of the connections in TIME-WAIT, by 4-tuple, oldest first (the
+        first to end, and the first to give way when the table is full). Their flows are
+        gone: a flow entering TIME-WAIT is retired at its next transmit()."""
         self._out: list[bytes | tuple] = []
         """Packets to write: bytes, or (headers, payload) from build(split=True)."""
         self._backlog: list[bytes | tuple] = []
-        self._timers: list[tuple[float, int, Flow]] = []
+        self._timers: list[tuple[float, int, tuple[bytes, int, bytes, int]]] = []
+        """(deadline, tie-breaker, 4-tuple): by key, not flow, so that a flow that is over
+        is freed at once, not when its last entry reaches the top."""
         self._timer_handle: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._flush_scheduled = False
@@ -114,6 +127,7 @@ class Engine:
             self.touch(flow)
             flow.close_tunnel()
         self.transmit()
+        self._time_wait.clear()
         if self._timer_handle:
             self._timer_handle.cancel()
         if self._pcap:
@@ -183,7 +197,11 @@ class Engine:
         key = (src, sport, dst, dport)
         flow = self.flows.get(key)
         if flow is None:
-            self._on_unknown(parsed, packet, key, now)
+            tw = self._time_wait.get(key)
+            if tw is not None:
+                self._in_time_wait(tw, parsed, packet, key, now)
+            else:
+                self._on_unknown(parsed, packet, key, now)
             return
         conn = flow.conn
         sack: tuple[int, ...] = ()
@@ -199,10 +217,6 @@ class Engine:
         conn.receive(seq, ack, flags, window,
                      memoryview(packet)[start:end] if end > start else b"", now, tsval, tsecr,
                      sack)
-        # Recorded at once, not in transmit(): a SYN later in this batch may need the
-        # slot. Only a received segment leads to TIME-WAIT; a known flow keeps its place.
-        if conn.state is TcpState.TIME_WAIT:
-            self._time_wait[flow] = None
         # Its events wait for transmit(): one pass per flow and batch, so a batch's
         # segments of one flow go to the proxy in one sendmsg().
         self.touch(flow)
@@ -225,24 +239,42 @@ class Engine:
         self.stats["segments_unknown_flow"] += 1
         self._reset(parsed)
 
-    def _reclaim_time_wait(self, now: float) -> bool:
-        """Make room for a new connection by ending the oldest TIME-WAIT early.
+    def _in_time_wait(self, tw: TimeWait, parsed: tuple, packet: bytes, key: tuple,
+                      now: float) -> None:
+        """A segment for a connection that is over, in TIME-WAIT (its record answers)."""
+        (family, src, dst, sport, dport, seq, ack, flags, window,
+         start, end, *_) = parsed
+        deadline = tw.deadline
+        verdict = tw.receive(seq, flags, end - start, now, self.params.time_wait)
+        if verdict == TW_ACK:
+            self._out.append(self.wire.build(family, dst, src, dport, sport, *tw.ack(now),
+                                             0 if self.vnet else -1, False))
+            if tw.deadline != deadline:
+                self._time_wait.move_to_end(key)  # the wait restarted: the last to end
+        elif verdict == TW_OVER:
+            del self._time_wait[key]
+            if flags & fast.SYN:
+                # A new incarnation of the 4-tuple (RFC 9293 §3.10.7.4): open it now
+                # rather than make the app retransmit its SYN a second later.
+                self._on_unknown(parsed, packet, key, now)
 
-        Each closed connection waits time_wait seconds in the table, so short
-        connections at N/s hold ~2N entries that are over: without this, --max-flows
-        would refuse new connections while far fewer are open. Ending TIME-WAIT early
-        is what Linux does when its own table is full (tcp_max_tw_buckets); the risk,
-        a late duplicate segment of the old connection, is small on a local TUN.
+    def _retire(self, flow: Flow, tw: TimeWait, now: float) -> None:
+        """``flow`` is in TIME-WAIT: keep its record, let the flow and all it holds go.
+
+        Each connection the server closes first waits time_wait seconds, so short
+        connections at N/s keep ~2N of them: as records they take ~1/20 of the memory
+        and no --max-flows slot. The table holds as many as --max-flows; when full, the
+        oldest gives way, as Linux's does (tcp_max_tw_buckets). The risk, a late
+        duplicate segment of the old connection, is small on a local TUN.
         """
-        while self._time_wait:
-            flow = next(iter(self._time_wait))
-            del self._time_wait[flow]
-            if self.flows.get(flow.key) is flow and flow.conn.state is TcpState.TIME_WAIT:
-                flow.conn.abort(now)  # silent: TIME-WAIT has no one to tell
-                flow.handle_events(now)  # Closed: the flow forgets itself
-                self.stats["time_wait_reclaimed"] += 1
-                return True
-        return False
+        tw.family = flow.family
+        table = self._time_wait
+        if len(table) >= self.config.max_flows:
+            table.popitem(last=False)
+            self.stats["time_wait_reclaimed"] += 1
+        table[flow.key] = tw
+        flow.conn.abort(now)  # silent in TIME-WAIT: no RST; Closed
+        flow.handle_events(now)  # the flow closes its tunnel and forgets itself
 
     def _reset(self, parsed: tuple) -> None:
         """Answer a segment no flow takes with the RST RFC 9293 §3.10.7.1 prescribes."""
@@ -269,7 +301,7 @@ class Engine:
             self.stats["syn_bad_target"] += 1
             self._reset(parsed)
             return
-        if len(self.flows) >= self.config.max_flows and not self._reclaim_time_wait(now):
+        if len(self.flows) >= self.config.max_flows:
             self.stats["flows_over_limit"] += 1
             self._reset(parsed)
             return
@@ -340,7 +372,6 @@ class Engine:
 
     def forget(self, flow: Flow) -> None:
         """Called by the flow once its connection reached CLOSED."""
-        self._time_wait.pop(flow, None)
         if self.flows.get(flow.key) is flow:
             del self.flows[flow.key]
             self.stats["flows_closed"] += 1
@@ -381,6 +412,10 @@ class Engine:
                 # split): the C function matches keywords by name, ~30 string compares.
                 for seg in flow.conn.segments_to_send(now):
                     out.append(build(family, dst, src, dport, sport, *seg, gso_size, True))
+                tw = flow.conn.time_wait
+                if tw is not None and self.flows.get(flow.key) is flow:
+                    self._retire(flow, tw, now)
+                    continue
                 # Lazy timers: a flow keeps at most one live heap entry, the earliest
                 # deadline it has asked for. A deadline that moved later (the RTO and idle
                 # timers move on every ACK) is left to the entry already queued, which
@@ -391,7 +426,7 @@ class Engine:
                 if deadline is not None and (at is None or deadline < at):
                     flow.timer_at = deadline
                     self._seq += 1
-                    heapq.heappush(self._timers, (deadline, self._seq, flow))
+                    heapq.heappush(self._timers, (deadline, self._seq, flow.key))
                 flow.after_transmit()
         if out:
             self._out = []
@@ -465,12 +500,17 @@ class Engine:
 
     def _arm_timer(self) -> None:
         timers = self._timers
-        while timers and (timers[0][2].timer_at != timers[0][0]
-                          or self.flows.get(timers[0][2].key) is not timers[0][2]):
+        flows = self.flows
+        while timers and ((flow := flows.get(timers[0][2])) is None
+                          or flow.timer_at != timers[0][0]):
             heapq.heappop(timers)  # stale entry: the flow re-armed or went away
-        if not timers:
+        when = timers[0][0] if timers else None
+        if self._time_wait:
+            first = next(iter(self._time_wait.values())).deadline
+            if when is None or first < when:
+                when = first
+        if when is None:
             return
-        when = timers[0][0]
         if self._timer_at is not None and self._timer_at <= when and self._timer_handle:
             return
         if self._timer_handle:
@@ -482,10 +522,15 @@ class Engine:
         self._timer_handle = None
         self._timer_at = None
         now = self._loop.time()
+        table = self._time_wait
+        while table and next(iter(table.values())).deadline <= now:
+            table.popitem(last=False)
         timers = self._timers
+        flows = self.flows
         while timers and timers[0][0] <= now:
-            deadline, _, flow = heapq.heappop(timers)
-            if flow.timer_at != deadline or self.flows.get(flow.key) is not flow:
+            deadline, _, key = heapq.heappop(timers)
+            flow = flows.get(key)
+            if flow is None or flow.timer_at != deadline:
                 continue
             flow.timer_at = None
             conn = flow.conn
@@ -515,6 +560,7 @@ class Engine:
         stats["sack_retransmits"] = (self.stats["sack_retransmits"]
                                      + sum(c.sack_retransmits for c in conns))
         stats["flows_active"] = len(self.flows)
+        stats["flows_time_wait"] = len(self._time_wait)
         stats["fast_path"] = self.wire.IMPL
         return stats
 

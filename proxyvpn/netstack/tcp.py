@@ -293,6 +293,100 @@ def reset_for(seq: int, ack: int, flags: int, payload_len: int) -> tuple[int, in
     return 0, (seq + seg_len) & SEQ_MASK, RST | ACK
 
 
+def _ts_at(now: float, offset: int) -> int:
+    """Our TSval at ``now``: a millisecond clock from a per-connection offset."""
+    return (int(now * _TS_HZ) + offset) & SEQ_MASK
+
+
+TW_DROP = 0
+"""TimeWait.receive(): nothing to answer."""
+TW_ACK = 1
+"""TimeWait.receive(): answer with :meth:`TimeWait.ack`."""
+TW_OVER = 2
+"""TimeWait.receive(): the wait is over (an exact RST, or a new incarnation's SYN)."""
+
+
+class TimeWait:
+    """What a connection in TIME-WAIT still needs: a few numbers, not a TcpConnection.
+
+    RFC 9293 §3.10.7.4 asks little of TIME-WAIT: re-acknowledge the app's retransmitted
+    FIN (our last ACK was lost) and restart the wait, answer what is out of window with an
+    ACK, end at an exact RST, and give way to a new incarnation's SYN (RFC 6191). Linux
+    keeps such connections as small inet_timewait_socks for the same reason: a server
+    closing first holds one per connection for the whole wait, ~7,000 at 3,500
+    connections/s for our 2 s. The engine keeps this record alone and lets the flow, its
+    TcpConnection and its tunnel go; a TcpConnection in TIME-WAIT answers through it too,
+    so there is one implementation of the state.
+    """
+
+    __slots__ = ("family", "irs", "rcv_nxt", "wnd", "seq", "window", "ts_offset", "ts_recent",
+                 "sack_ok", "deadline", "_dsack")
+
+    def __init__(self, *, irs: int, rcv_nxt: int, wnd: int, seq: int, window: int,
+                 ts_offset: int, ts_recent: int, sack_ok: bool, deadline: float,
+                 family: int = 4) -> None:
+        self.family = family
+        """IP version of the 4-tuple (for the engine, which builds the ACKs)."""
+        self.irs = irs
+        self.rcv_nxt = rcv_nxt
+        """Relative to irs, as TcpConnection.rcv_nxt: past the app's FIN."""
+        self.wnd = wnd
+        """Bytes of receive window beyond rcv_nxt that we last advertised."""
+        self.seq = seq
+        """Our sequence number for the ACKs (wire value: past our acknowledged FIN)."""
+        self.window = window
+        """The window field of our ACKs."""
+        self.ts_offset = ts_offset
+        """Our TSval clock's offset; -1 if the connection has no timestamps."""
+        self.ts_recent = ts_recent
+        self.sack_ok = sack_ok
+        self.deadline = deadline
+        """When the wait is over (moves on a retransmitted FIN)."""
+        self._dsack: tuple[int, ...] = ()
+
+    def receive(self, seq: int, flags: int, plen: int, now: float, time_wait: float) -> int:
+        """One segment from the app: TW_DROP, TW_ACK or TW_OVER."""
+        off = (seq - self.irs - self.rcv_nxt) & SEQ_MASK
+        if off >= SEQ_HALF:
+            off -= SEQ_MOD
+        wnd = self.wnd
+        # RST first (RFC 5961 §3.2): only an exact match ends the wait; one in the
+        # window earns a challenge ACK.
+        if flags & RST:
+            if off == 0:
+                return TW_OVER
+            return TW_ACK if 0 < off < wnd else TW_DROP
+        if flags & SYN:
+            # A new incarnation of the 4-tuple (beyond what this one used) ends the wait;
+            # anything else gets the challenge ACK of RFC 5961 §4.
+            return TW_OVER if not flags & ACK and off > 0 else TW_ACK
+        fin = 1 if flags & FIN else 0
+        seg_len = plen + fin
+        ok = (0 <= off <= wnd) if seg_len == 0 else (off == 0 or (off < wnd and off + seg_len > 0))
+        if ok:
+            return TW_DROP  # nothing the app may still send is in order: only a FIN again
+        if plen and off < 0 and self.sack_ok and self.rcv_nxt + off >= 1:
+            # Text we already have: reported as a D-SACK (RFC 2883 §4.1.1).
+            lo = self.irs + self.rcv_nxt + off
+            self._dsack = (lo & SEQ_MASK, (lo + seg_len) & SEQ_MASK)
+        if fin:
+            # A retransmitted FIN: our last ACK was lost. Restart the wait (§3.10.7.4).
+            self.deadline = now + time_wait
+        return TW_ACK
+
+    def ack(self, now: float) -> Segment:
+        """The ACK to send now (with a pending D-SACK block, once)."""
+        if self.ts_offset >= 0:
+            tsval = _ts_at(now, self.ts_offset)
+            tsecr = self.ts_recent
+        else:
+            tsval = -1
+            tsecr = 0
+        sack, self._dsack = self._dsack, ()
+        return Segment(self.seq, (self.irs + self.rcv_nxt) & SEQ_MASK, ACK, self.window, b"",
+                       0, -1, False, tsval, tsecr, sack)
+
+
 class TcpConnection:
     """The TCP state machine of one connection, passive side.
 
@@ -384,7 +478,7 @@ class TcpConnection:
         "_space_armed",
         "_last_rx",
         "_last_ack_rx",
-        "_tw_deadline",
+        "_tw",
     )
 
     def __init__(
@@ -528,7 +622,7 @@ class TcpConnection:
         self._space_armed = False
         self._last_rx = now
         self._last_ack_rx = now
-        self._tw_deadline: float | None = None
+        self._tw: TimeWait | None = None  # in TIME-WAIT: what answers the app
 
     # ------------------------------------------------------------------ queries
 
@@ -580,6 +674,12 @@ class TcpConnection:
         """Whether SACK is on (the app offered it and TcpParams.sack): its ACKs may then
         carry blocks for :meth:`receive`."""
         return self._sack_ok
+
+    @property
+    def time_wait(self) -> TimeWait | None:
+        """In TIME-WAIT, the record that answers the app until the wait is over: all the
+        engine keeps of the connection from then on. None in every other state."""
+        return self._tw
 
     @property
     def timeouts_in_a_row(self) -> int:
@@ -635,8 +735,9 @@ class TcpConnection:
         if self._state is _CLOSED:
             return None
         t = self._last_rx + self.params.idle_timeout
-        for d in (self._rtx_deadline, self._persist_deadline, self._tw_deadline,
-                  self._reo_deadline):
+        tw = self._tw
+        for d in (self._rtx_deadline, self._persist_deadline, self._reo_deadline,
+                  tw.deadline if tw is not None else None):
             if d is not None and d < t:
                 t = d
         return t
@@ -783,6 +884,14 @@ class TcpConnection:
             # ignored; anything else cannot be legitimate yet (the app has seen
             # nothing from us), and RFC 9293 §3.10.7.2 ignores RSTs here too.
             return
+        tw = self._tw
+        if tw is not None:  # TIME-WAIT
+            verdict = tw.receive(seq, flags, len(payload), now, self.params.time_wait)
+            if verdict == TW_ACK:
+                self._ack_due = True
+            elif verdict == TW_OVER:
+                self._enter_closed()
+            return
         plen = len(payload)
         rcv_nxt = self.rcv_nxt
         off = (seq - self.irs - rcv_nxt) & SEQ_MASK
@@ -816,6 +925,8 @@ class TcpConnection:
         kernel gets a valid RTT sample for it (RFC 7323 §4.1)."""
         if seg_start <= self._last_ack_sent and (tsval - self._ts_recent) & SEQ_MASK < SEQ_HALF:
             self._ts_recent = tsval
+            if self._tw is not None:  # the ACK that ended CLOSING: the record echoes it too
+                self._tw.ts_recent = tsval
 
     def _receive_slow(
         self,
@@ -841,7 +952,7 @@ class TcpConnection:
         # resets; an in-window RST earns a challenge ACK; anything else is dropped.
         if flags & RST:
             if off == 0:
-                self._reset_by_peer(state)
+                self._reset_by_peer()
             elif 0 < off < wnd:
                 self._ack_due = True
             return
@@ -852,12 +963,6 @@ class TcpConnection:
                 # Our SYN-ACK was lost and the app retransmitted its SYN.
                 if not flags & ACK:
                     self._synack_due = True
-                return
-            if state is _TIME_WAIT and not flags & ACK and off > 0:
-                # RFC 9293 §3.10.7.4 / RFC 6191: a new incarnation of the 4-tuple.
-                # Forget this one; the app's next SYN retransmission (or this SYN,
-                # if the engine re-dispatches it) opens a fresh connection.
-                self._enter_closed()
                 return
             self._ack_due = True  # RFC 5961 §4: challenge ACK, drop
             return
@@ -876,10 +981,6 @@ class TcpConnection:
                 # retransmission was spurious): RFC 2883 §4.1.1.
                 self._dsack_lo = rcv_nxt + off
                 self._dsack_hi = rcv_nxt + off + plen + (1 if fin else 0)
-            if state is _TIME_WAIT and fin:
-                # A retransmitted FIN: our last ACK was lost. Re-ACK it and restart
-                # the 2*MSL wait (RFC 9293 §3.10.7.4, TIME-WAIT).
-                self._tw_deadline = now + self.params.time_wait
             self._ack_due = True
             return
 
@@ -895,10 +996,7 @@ class TcpConnection:
                     self._ctl.append(Segment(ack & SEQ_MASK, 0, RST, 0, b""))
                 return
             self._establish(window, seg_start, now)
-        elif state is _TIME_WAIT or not self._on_ack(
-            ack, window, seg_start, seg_len == 0, now, tsecr, sack
-        ):
-            # TIME-WAIT: only a retransmitted FIN may arrive, handled above.
+        elif not self._on_ack(ack, window, seg_start, seg_len == 0, now, tsecr, sack):
             return
         if tsval >= 0:
             self._ts_update(seg_start, tsval)
@@ -1320,10 +1418,9 @@ class TcpConnection:
         elif state is _FIN_WAIT_2:
             self._enter_time_wait(now)
 
-    def _reset_by_peer(self, state: TcpState) -> None:
+    def _reset_by_peer(self) -> None:
         """An acceptable RST: the app aborted (RFC 9293 §3.10.7.4, second)."""
-        if state is not _TIME_WAIT:
-            self._events.append(ConnectionReset())
+        self._events.append(ConnectionReset())
         self._enter_closed()
 
     # ------------------------------------------------------------------ reassembly
@@ -1516,6 +1613,12 @@ class TcpConnection:
         state = self._state
         if state is _CLOSED or state is _LISTEN:
             return out
+        tw = self._tw
+        if tw is not None:  # TIME-WAIT
+            if self._ack_due:
+                out.append(tw.ack(now))
+                self._ack_due = False
+            return out
         if state is _SYN_RECEIVED:
             if self._synack_due or self._ack_due or self._dupacks_due:
                 self._emit_synack(out, now)
@@ -1590,8 +1693,7 @@ class TcpConnection:
         self._dupacks_due = 0
 
     def _ts_clock(self, now: float) -> int:
-        """Our TSval at ``now``: a millisecond clock from a per-connection offset."""
-        return (int(now * _TS_HZ) + self._ts_offset) & SEQ_MASK
+        return _ts_at(now, self._ts_offset)
 
     def _emit_data(
         self, out: list[Segment], now: float, ack_w: int, win: int, tsv: int, tse: int
@@ -1809,8 +1911,9 @@ class TcpConnection:
             log.debug("idle timeout in %s", state.value)
             self._abort_with(TimedOut())
             return
-        if state is _TIME_WAIT:
-            if self._tw_deadline is not None and now >= self._tw_deadline:
+        tw = self._tw
+        if tw is not None:  # TIME-WAIT
+            if now >= tw.deadline:
                 self._enter_closed()
             return
         d = self._rtx_deadline
@@ -1954,19 +2057,26 @@ class TcpConnection:
 
     def _enter_time_wait(self, now: float) -> None:
         self._state = _TIME_WAIT
-        self._tw_deadline = now + self.params.time_wait
         self._rtx_deadline = None
         self._persist_deadline = None
         self._reo_deadline = None
         self._sndbuf = SendBuffer()
         self._ooo_clear()
+        window, edge = self._window_field()  # what every ACK from now on advertises
+        if edge < self._rcv_adv:
+            edge = self._rcv_adv
+        self._tw = TimeWait(irs=self.irs, rcv_nxt=self.rcv_nxt, wnd=edge - self.rcv_nxt,
+                            seq=self._ack_seq_wire(), window=window,
+                            ts_offset=self._ts_offset if self._ts_ok else -1,
+                            ts_recent=self._ts_recent, sack_ok=self._sack_ok,
+                            deadline=now + self.params.time_wait)
 
     def _enter_closed(self) -> None:
         """Go CLOSED, free the buffers, and report Closed exactly once."""
         self._state = _CLOSED
         self._rtx_deadline = None
         self._persist_deadline = None
-        self._tw_deadline = None
+        self._tw = None
         self._reo_deadline = None
         self._sndbuf = SendBuffer()
         self._ooo_clear()

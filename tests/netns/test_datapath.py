@@ -80,9 +80,10 @@ def test_server_closes_first(lab):
 
 def test_connections_that_are_over_do_not_count_against_max_flows(lab):
     """Each connection the server closes first leaves our end in TIME-WAIT for 2 s. With
-    --max-flows 20, a round of 20 short connections right after another would be refused
-    (RST) while none of the earlier ones is open; the oldest TIME-WAIT makes room
-    instead. (A round is one client process: well under the 2 s, even on a slow host.)"""
+    --max-flows 20, a round of 20 short connections right after another must not be
+    refused (RST) while none of the earlier ones is open: connections in TIME-WAIT take
+    no flow slot, and their own table (as large) lets the oldest go when full. (A round
+    is one client process: well under the 2 s, even on a slow host.)"""
     lab.start_server("--mode", "close-first", port=9001)
     lab.start_vpn("--max-flows", "20")
     for _ in range(3):

@@ -7,6 +7,7 @@ stack must not take the rest of the batch, or the transmit after it, with it."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import itertools
 import socket
 from types import SimpleNamespace
@@ -16,8 +17,10 @@ import pytest
 from bench import hotpath
 from proxyvpn.aio import engine as engine_module
 from proxyvpn.aio.engine import BIG_SEGMENTS
+from proxyvpn.aio.flow import Flow
 from proxyvpn.config import Config
 from proxyvpn.netstack import wire
+from proxyvpn.netstack.tcp import TcpConnection
 from proxyvpn.relay.dial import ProxyEndpoint
 
 SRC, DST = socket.inet_aton("10.0.0.2"), socket.inet_aton("10.9.9.9")
@@ -392,3 +395,88 @@ def test_each_family_gets_large_segments_where_its_kernel_takes_them():
         tun_side.close()
 
     asyncio.run(body())
+
+
+# ---------------------------------------------------------------- TIME-WAIT
+
+
+def _app_segment(lab: hotpath.Lab, flags: int, ack: int, seq: int | None = None) -> None:
+    """One bare segment from the app into the "TUN" (at its next sequence number)."""
+    lab.ts += 1
+    lab.tun.send(lab.wire.build(4, hotpath.APP, hotpath.DST, hotpath.APP_PORT, hotpath.DST_PORT,
+                                lab.app_seq if seq is None else seq, ack, flags, hotpath.WINDOW,
+                                tsval=lab.ts, tsecr=1, gso_size=0))
+
+
+def _established_flow(engine: engine_module.Engine, port: int) -> Flow:
+    """A second flow, made ESTABLISHED by hand (as hotpath.Lab makes its own)."""
+    now = engine._loop.time()
+    conn = TcpConnection(engine.params, iss=7, irs=hotpath.APP_ISN, peer_window=hotpath.WINDOW,
+                         peer_mss=engine.params.mss, peer_wscale=7, now=now)
+    flow = Flow(engine, (hotpath.APP, port, hotpath.DST, hotpath.DST_PORT), 4, conn, "10.9.9.9",
+                hotpath.DST_PORT)
+    engine.flows[flow.key] = flow
+    flow.attach(hotpath.Sink())  # type: ignore[arg-type]
+    conn.accept(now)
+    conn.segments_to_send(now)  # the SYN-ACK
+    conn.receive(hotpath.APP_ISN + 1, 8, wire.ACK, hotpath.WINDOW, b"", now)
+    assert conn.state.name == "ESTABLISHED"
+    return flow
+
+
+def _into_time_wait(lab: hotpath.Lab) -> tuple:
+    """The proxy's reply and FIN, then the app's FIN: our end of the flow in TIME-WAIT.
+    Returns the packet that acknowledged the app's FIN."""
+    lab.drain()
+    lab.flow.tunnel_data(b"r" * 100, last=True)
+    (reply,) = _written(lab.tun, vnet=True)
+    assert reply[7] & wire.FIN
+    _app_segment(lab, wire.ACK | wire.FIN, (reply[5] + 100 + 1) & 0xFFFFFFFF)
+    lab.engine._on_readable()
+    (ack,) = _written(lab.tun, vnet=True)
+    return ack
+
+
+@pytest.mark.usefixtures("collector_off")
+def test_a_flow_in_time_wait_is_let_go_and_its_record_answers():
+    """A server that closes first leaves our end in TIME-WAIT for 2 s. The engine keeps
+    only the record: the flow and its TCP state are freed at once (by reference counting:
+    no --max-flows slot, no 2 s of their memory), and the app's FIN sent again (our ACK
+    was lost) still gets the same ACK."""
+    def body(lab: hotpath.Lab) -> None:
+        engine, key = lab.engine, lab.flow.key
+        # Another flow with data in flight, whose retransmission timer comes first: the
+        # one going into TIME-WAIT then has a timer entry below the top of the heap.
+        other = _established_flow(engine, hotpath.APP_PORT + 1)
+        other.tunnel_data(b"x" * 100)
+        _written(lab.tun, vnet=True)
+        ack = _into_time_wait(lab)
+        assert ack[7] == wire.ACK and ack[6] == (lab.app_seq + 1) & 0xFFFFFFFF
+        stats = engine.snapshot_stats()
+        assert (stats["flows_active"], stats["flows_time_wait"], stats["flows_closed"]) == (1, 1, 1)
+        lab.flow = lab.sink.flow = None  # the test's own references
+        alive = [type(o) for o in gc.get_objects() if type(o) in (Flow, TcpConnection)]
+        assert alive.count(Flow) == alive.count(TcpConnection) == 1, alive  # the other's
+        _app_segment(lab, wire.ACK | wire.FIN, ack[5])  # the FIN again
+        engine._on_readable()
+        (again,) = _written(lab.tun, vnet=True)
+        assert again[5:8] == ack[5:8] and again[14] >= ack[14]  # seq, ack, flags; TSval
+        assert engine.snapshot_stats()["flows_time_wait"] == 1
+        engine._time_wait[key].deadline = 0.0  # the wait is over
+        engine._on_timer()
+        assert engine.snapshot_stats()["flows_time_wait"] == 0
+        _app_segment(lab, wire.ACK | wire.FIN, ack[5])  # now a segment of no connection
+        engine._on_readable()
+        (rst,) = _written(lab.tun, vnet=True)
+        assert rst[7] & wire.RST
+    _run_lab(body)
+
+
+def test_an_exact_reset_ends_time_wait():
+    def body(lab: hotpath.Lab) -> None:
+        ack = _into_time_wait(lab)
+        _app_segment(lab, wire.RST, 0, seq=ack[6])
+        lab.engine._on_readable()
+        assert _written(lab.tun, vnet=True) == []  # a RST is never answered
+        assert lab.engine.snapshot_stats()["flows_time_wait"] == 0
+    _run_lab(body)

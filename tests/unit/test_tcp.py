@@ -33,6 +33,9 @@ from proxyvpn.netstack.tcp import (
     PSH,
     RST,
     SYN,
+    TW_ACK,
+    TW_DROP,
+    TW_OVER,
     Segment,
     TcpConnection,
     TcpParams,
@@ -1117,6 +1120,80 @@ def test_retransmitted_fin_in_time_wait_is_reacked_and_restarts_timer(app: App) 
     (ack,) = app.out()
     assert ackpos(ack) == 2
     assert app.conn.next_timer() == pytest.approx(app.now + app.params.time_wait)
+
+
+def _in_time_wait(data: bytes = b"", **kw) -> App:
+    """An App whose connection took ``data`` and went FIN-WAIT-1, FIN-WAIT-2, TIME-WAIT."""
+    a = App(**kw)
+    a.handshake()
+    if data:
+        a.seg(data)
+    a.conn.close(a.now)
+    a.ack_all(a.out())
+    a.seg(flags=ACK | FIN)
+    assert a.state is S.TIME_WAIT
+    return a
+
+
+def test_time_wait_answers_from_a_record_that_outlives_the_connection() -> None:
+    """The record (TcpConnection.time_wait) is all the engine keeps in TIME-WAIT: alone,
+    it must give the app the very ACK the connection gave, and restart the wait."""
+    a = _in_time_wait(tsval=500)
+    (ack,) = a.out()
+    tw = a.conn.time_wait
+    assert tw is not None
+    assert tw.ack(a.now) == ack
+    assert ack.flags == ACK and ackpos(ack) == a.nxt and ack.tsecr == 500 and ack.sack == ()
+    a.now += 1.5
+    verdict = tw.receive((IRS + a.nxt - 1) & SEQ_MASK, ACK | FIN, 0, a.now, a.params.time_wait)
+    assert verdict == TW_ACK  # the FIN again: our ACK was lost
+    again = tw.ack(a.now)
+    assert again._replace(tsval=ack.tsval) == ack and again.tsval == ack.tsval + 1500
+    assert tw.deadline == pytest.approx(a.now + a.params.time_wait)
+    assert tw.receive((IRS + a.nxt) & SEQ_MASK, ACK, 0, a.now, a.params.time_wait) == TW_DROP
+    assert tw.receive((IRS + a.nxt) & SEQ_MASK, RST, 0, a.now, a.params.time_wait) == TW_OVER
+    assert a.conn.time_wait is tw  # the connection answers through the same record
+
+
+def test_time_wait_record_is_there_only_in_time_wait(app: App) -> None:
+    assert app.conn.time_wait is None
+    a = _in_time_wait()
+    a.out()
+    a.fire()
+    assert a.state is S.CLOSED and a.conn.time_wait is None
+
+
+def test_text_again_in_time_wait_is_acked_with_a_dsack() -> None:
+    a = _in_time_wait(b"abcdef")
+    a.out()
+    a.seg(b"def", at=a.nxt - 4)  # bytes before the FIN, sent again
+    (ack,) = a.out()
+    assert ackpos(ack) == a.nxt
+    assert [(edge - IRS) & SEQ_MASK for edge in ack.sack] == [a.nxt - 4, a.nxt - 1]
+    tw = a.conn.time_wait
+    assert tw is not None
+    tw.sack_ok = False  # without SACK: the ACK alone
+    a.seg(b"def", at=a.nxt - 4)
+    (ack,) = a.out()
+    assert ack.sack == ()
+
+
+def test_closing_to_time_wait_echoes_the_ack_that_ended_closing() -> None:
+    """The record is made while the ACK of our FIN is processed, before its TSval is
+    taken as TS.Recent: it must still echo that one (RFC 7323 §4.3)."""
+    a = App(tsval=100)
+    a.handshake()
+    a.conn.close(a.now)
+    (fin,) = a.out()
+    a.seg(flags=ACK | FIN, ts=(200, 0))  # crosses our FIN
+    assert a.state is S.CLOSING
+    a.out()
+    a.rcv += 1
+    a.seg(ts=(300, 0))  # the ACK of our FIN
+    assert a.state is S.TIME_WAIT
+    a.seg(flags=ACK | FIN, at=a.nxt - 1, ts=(400, 0))
+    (ack,) = a.out()
+    assert ack.tsecr == 300
 
 
 def test_simultaneous_close_goes_through_closing(app: App) -> None:
