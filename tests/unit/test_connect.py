@@ -9,6 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from proxyvpn.errors import ProxyProtocolError
+from proxyvpn.relay import connect
 from proxyvpn.relay.connect import (
     MAX_HEADER_BYTES,
     ConnectResponse,
@@ -403,3 +404,30 @@ def test_early_check_accepts_a_status_line_split_anywhere_and_interim_responses(
             response = parser.feed(wire[cut:])
             assert response is not None and response.status == 200
             assert response.leftover == b"data"
+
+
+def test_the_same_answer_again_is_not_parsed_again(monkeypatch) -> None:
+    """A proxy answers every CONNECT with the same bytes: the second parser hands out
+    the response the first one made (it is immutable) instead of parsing them again."""
+    raw = b"HTTP/1.1 200 Tunnel open for the memo test\r\nVia: 1.1 memo\r\n\r\n"
+    first = ConnectResponseParser().feed(raw)
+    monkeypatch.setattr(connect, "_parse_head", lambda head: pytest.fail("parsed again"))
+    again = ConnectResponseParser().feed(raw)
+    assert again is first and again.status == 200 and again.header("via") == "1.1 memo"
+
+
+def test_tunnel_bytes_after_an_answer_are_never_handed_to_another_tunnel() -> None:
+    raw = b"HTTP/1.1 200 OK, memo and leftover\r\n\r\n"
+    assert ConnectResponseParser().feed(raw + b"first bytes").leftover == b"first bytes"
+    assert ConnectResponseParser().feed(raw).leftover == b""
+    assert ConnectResponseParser().feed(raw + b"other").leftover == b"other"
+    split = ConnectResponseParser()
+    assert split.feed(raw[:10]) is None
+    assert split.feed(raw[10:] + b"late").leftover == b"late"
+
+
+def test_an_answer_that_failed_fails_again() -> None:
+    raw = b"HTTP/1.1 200 memo\r\nbad header line\r\n\r\n"
+    for _ in range(2):
+        with pytest.raises(ProxyProtocolError, match="without a colon"):
+            ConnectResponseParser().feed(raw)
