@@ -32,6 +32,7 @@ __all__ = [
     "ConnectResponse",
     "ConnectResponseParser",
     "build_connect_request",
+    "connect_request",
     "decode_basic_credentials",
     "encode_basic_credentials",
     "format_authority",
@@ -132,7 +133,12 @@ def build_connect_request(host: str, port: int, credentials: tuple[str, str] | N
     credentials containing CR, LF, NUL (or other characters that could split
     the request); the error message never contains the password.
     """
-    authority = format_authority(host, port)
+    return connect_request(format_authority(host, port), credentials)
+
+
+def connect_request(authority: str, credentials: tuple[str, str] | None) -> bytes:
+    """:func:`build_connect_request` for an ``authority`` that :func:`format_authority`
+    returned (a tunnel keeps it as its target: formatted once per connection)."""
     lines = [f"CONNECT {authority} HTTP/1.1", f"Host: {authority}"]
     if credentials is not None:
         user, password = credentials

@@ -42,7 +42,7 @@ from proxyvpn.errors import (
 from proxyvpn.relay.connect import (
     ConnectResponse,
     ConnectResponseParser,
-    build_connect_request,
+    connect_request,
     format_authority,
 )
 from proxyvpn.relay.transport import SocketTransport
@@ -157,9 +157,9 @@ class TunnelProtocol(asyncio.Protocol):
     def __init__(self, dst_host: str, dst_port: int, credentials: tuple[str, str] | None) -> None:
         """Prepare a tunnel to ``dst_host:dst_port``; raises ValueError for a bad target."""
         # Built now so a bad host fails before any socket exists.
-        self._request = build_connect_request(dst_host, dst_port, credentials)
         self.target = format_authority(dst_host, dst_port)
         """The CONNECT target, ``host:port`` (IPv6 in brackets)."""
+        self._request = connect_request(self.target, credentials)
         self.on_settled: Callable[[ProxyVpnError | None], None] | None = None
         """Called once the handshake ends: None for a 2xx, else ProxyError /
         ProxyProtocolError (set by the :class:`Dial` that drives this protocol)."""
