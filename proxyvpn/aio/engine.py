@@ -262,12 +262,11 @@ class Engine:
         """``flow`` is in TIME-WAIT: keep its record, let the flow and all it holds go.
 
         Each connection the server closes first waits time_wait seconds, so short
-        connections at N/s keep ~2N of them: as records they take ~1/20 of the memory
-        and no --max-flows slot. The table holds as many as --max-flows; when full, the
+        connections at N/s keep ~2N of them: as records they take a fraction of the
+        memory (README, Performance: "TIME-WAIT as a record") and no --max-flows slot. The table holds as many as --max-flows; when full, the
         oldest gives way, as Linux's does (tcp_max_tw_buckets). The risk, a late
         duplicate segment of the old connection, is small on a local TUN.
         """
-        tw.family = flow.family
         table = self._time_wait
         if len(table) >= self.config.max_flows:
             table.popitem(last=False)

@@ -319,14 +319,11 @@ class TimeWait:
     so there is one implementation of the state.
     """
 
-    __slots__ = ("family", "irs", "rcv_nxt", "wnd", "seq", "window", "ts_offset", "ts_recent",
-                 "sack_ok", "deadline", "_dsack")
+    __slots__ = ("irs", "rcv_nxt", "wnd", "seq", "window", "ts_offset", "ts_recent", "sack_ok",
+                 "deadline", "_dsack")
 
     def __init__(self, *, irs: int, rcv_nxt: int, wnd: int, seq: int, window: int,
-                 ts_offset: int, ts_recent: int, sack_ok: bool, deadline: float,
-                 family: int = 4) -> None:
-        self.family = family
-        """IP version of the 4-tuple (for the engine, which builds the ACKs)."""
+                 ts_offset: int, ts_recent: int, sack_ok: bool, deadline: float) -> None:
         self.irs = irs
         self.rcv_nxt = rcv_nxt
         """Relative to irs, as TcpConnection.rcv_nxt: past the app's FIN."""
