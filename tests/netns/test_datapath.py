@@ -161,6 +161,60 @@ def test_same_port_reconnect_while_our_end_is_in_time_wait(lab):
     assert lab.stats().get("flows_opened") == 2, lab.stats()
 
 
+LOST_ACK_CLIENT = r"""
+import json, re, socket, struct, subprocess, sys, time
+host, port = sys.argv[1], int(sys.argv[2])
+s = socket.create_connection((host, port), timeout=10)
+s.sendall(struct.pack("!QQ", 0, 1000))
+got = b""
+while chunk := s.recv(65536):
+    got += chunk
+assert len(got) == 1000, len(got)
+lport = s.getsockname()[1]
+def nft(script):
+    subprocess.run(["nft", "-f", "-"], input=script, text=True, check=True)
+def counted(table):
+    out = subprocess.run(["nft", "list", "table", "inet", table], capture_output=True,
+                         text=True, check=True).stdout
+    return int(re.search(r"counter packets (\d+)", out).group(1))
+hook = "type filter hook input priority -300;"
+# For a second, every pure ACK from proxyvpn to this socket is lost: the one of its FIN,
+# then those of the FINs it sends again. Any RST towards it is counted throughout.
+nft(f'table inet lostack {{ chain in {{ {hook} iifname "tun0" tcp dport {lport} '
+    f'tcp flags == ack counter drop; }}; }}')
+nft(f'table inet resets {{ chain in {{ {hook} iifname "tun0" tcp dport {lport} '
+    f'tcp flags & rst == rst counter; }}; }}')
+s.close()
+time.sleep(1.0)
+dropped = counted("lostack")
+subprocess.run(["nft", "delete", "table", "inet", "lostack"], check=True)
+def left():
+    return subprocess.run(["ss", "-Htn", "state", "last-ack", f"( sport = :{lport} )"],
+                          capture_output=True, text=True).stdout.strip()
+start = time.monotonic()
+while left() and time.monotonic() - start < 10:
+    time.sleep(0.05)
+result = {"dropped": dropped, "last_ack": left(), "seconds": time.monotonic() - start,
+          "resets": counted("resets")}
+subprocess.run(["nft", "delete", "table", "inet", "resets"], check=True)
+print(json.dumps(result))
+"""
+
+
+def test_time_wait_acknowledges_the_fins_the_app_sends_again(lab):
+    """The server closes first, so our end waits in TIME-WAIT (a record: the flow is
+    gone). Our ACK of the app's FIN is lost, and so are those of the FINs its kernel then
+    sends again; once they get through, the next one must be acknowledged (timestamps and
+    all, or the app's PAWS check drops it), and the app's end closes: with an ACK, not a
+    RST (which a forgotten connection would send, once its wait ran out)."""
+    lab.start_server("--mode", "close-first", port=9001)
+    lab.start_vpn()
+    result = lab.client.run(PYTHON, "-c", LOST_ACK_CLIENT, SERVER4, "9001", timeout=60)
+    out = json.loads(result.stdout)
+    assert out["dropped"] >= 2, out  # the first ACK and at least one sent again
+    assert out["last_ack"] == "" and out["resets"] == 0, (out, lab.vpn_log()[-2000:])
+
+
 @pytest.mark.parametrize("app_closes", ["second", "first"])
 def test_proxy_connection_is_released_once_both_directions_ended(lab, app_closes):
     """Both directions over means the proxy connection goes at once, not when TIME-WAIT
