@@ -71,7 +71,7 @@ from proxyvpn.netstack.events import (
     TimedOut,
 )
 from proxyvpn.netstack.sendbuf import SendBuffer
-from proxyvpn.netstack.seq import SEQ_HALF, SEQ_MASK, SEQ_MOD
+from proxyvpn.netstack.seq import SEQ_HALF, SEQ_MASK, SEQ_MOD, seq_diff
 from proxyvpn.netstack.wire import ACK, FIN, PSH, RST, SYN, URG
 
 __all__ = [
@@ -293,6 +293,17 @@ def reset_for(seq: int, ack: int, flags: int, payload_len: int) -> tuple[int, in
     return 0, (seq + seg_len) & SEQ_MASK, RST | ACK
 
 
+def _acceptable(off: int, seg_len: int, wnd: int) -> bool:
+    """RFC 9293 §3.10.7.4's acceptability test, for a segment ``off`` bytes past RCV.NXT
+    and a window of ``wnd``, with two Linux-like allowances: a segment at exactly RCV.NXT
+    is taken even into a zero window (its ACK and a bare FIN are processed, its text is
+    not), and a pure ACK may sit at the right edge (the app filled our window and some of
+    its segments are in flight)."""
+    if seg_len == 0:
+        return 0 <= off <= wnd
+    return off == 0 or (off < wnd and off + seg_len > 0)
+
+
 def _ts_at(now: float, offset: int) -> int:
     """Our TSval at ``now``: a millisecond clock from a per-connection offset."""
     return (int(now * _TS_HZ) + offset) & SEQ_MASK
@@ -343,9 +354,7 @@ class TimeWait:
 
     def receive(self, seq: int, flags: int, plen: int, now: float, time_wait: float) -> int:
         """One segment from the app: TW_DROP, TW_ACK or TW_OVER."""
-        off = (seq - self.irs - self.rcv_nxt) & SEQ_MASK
-        if off >= SEQ_HALF:
-            off -= SEQ_MOD
+        off = seq_diff(seq, self.irs + self.rcv_nxt)
         wnd = self.wnd
         # RST first (RFC 5961 §3.2): only an exact match ends the wait; one in the
         # window earns a challenge ACK.
@@ -359,8 +368,7 @@ class TimeWait:
             return TW_OVER if not flags & ACK and off > 0 else TW_ACK
         fin = 1 if flags & FIN else 0
         seg_len = plen + fin
-        ok = (0 <= off <= wnd) if seg_len == 0 else (off == 0 or (off < wnd and off + seg_len > 0))
-        if ok:
+        if _acceptable(off, seg_len, wnd):
             return TW_DROP  # nothing the app may still send is in order: only a FIN again
         if plen and off < 0 and self.sack_ok and self.rcv_nxt + off >= 1:
             # Text we already have: reported as a D-SACK (RFC 2883 §4.1.1).
@@ -881,14 +889,6 @@ class TcpConnection:
             # ignored; anything else cannot be legitimate yet (the app has seen
             # nothing from us), and RFC 9293 §3.10.7.2 ignores RSTs here too.
             return
-        tw = self._tw
-        if tw is not None:  # TIME-WAIT
-            verdict = tw.receive(seq, flags, len(payload), now, self.params.time_wait)
-            if verdict == TW_ACK:
-                self._ack_due = True
-            elif verdict == TW_OVER:
-                self._enter_closed()
-            return
         plen = len(payload)
         rcv_nxt = self.rcv_nxt
         off = (seq - self.irs - rcv_nxt) & SEQ_MASK
@@ -910,6 +910,14 @@ class TcpConnection:
                     self._ts_update(rcv_nxt, tsval)
                 if plen:
                     self._deliver(payload, 0, plen, now)
+            return
+        tw = self._tw
+        if tw is not None:  # TIME-WAIT: its record answers (never the fast path above)
+            verdict = tw.receive(seq, flags, plen, now, self.params.time_wait)
+            if verdict == TW_ACK:
+                self._ack_due = True
+            elif verdict == TW_OVER:
+                self._enter_closed()
             return
         self._receive_slow(state, off, ack, flags, window, payload, plen, now, tsval, tsecr,
                            sack)
@@ -964,15 +972,11 @@ class TcpConnection:
             self._ack_due = True  # RFC 5961 §4: challenge ACK, drop
             return
 
-        # First: acceptability test (RFC 9293 §3.10.7.4 table), with two Linux-like
-        # allowances: a segment at exactly RCV.NXT is taken even into a zero window
-        # (its ACK and a bare FIN are processed, its text is not: "special allowance
-        # should be made to accept valid ACKs"), and a pure ACK may sit at the right
-        # edge (the app filled our window and some of its segments are in flight).
+        # First: acceptability test (RFC 9293 §3.10.7.4 table: "special allowance should
+        # be made to accept valid ACKs", see _acceptable).
         fin = flags & FIN
         seg_len = plen + (1 if fin else 0)
-        ok = (0 <= off <= wnd) if seg_len == 0 else (off == 0 or (off < wnd and off + seg_len > 0))
-        if not ok:
+        if not _acceptable(off, seg_len, wnd):
             if plen and off < 0 and self._sack_ok and rcv_nxt + off >= 1:
                 # Text we already have (our ACK of it was lost, or the app's
                 # retransmission was spurious): RFC 2883 §4.1.1.
